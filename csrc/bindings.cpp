@@ -1,0 +1,64 @@
+// Op schemas (TORCH_LIBRARY) and the pybind11 `_C` module with build information.
+//
+// The implementations register per backend: csrc/cpu/ (CPU) and csrc/cuda/ (CUDA).
+// Python wrappers and fake (meta) kernels live in muon_ext/ops.py.
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#ifdef MUON_EXT_WITH_CUDA
+#include <cublas_api.h>
+#include <cuda_runtime_api.h>
+#endif
+
+#ifndef MUON_EXT_BUILD_INFO_ARCHS
+#define MUON_EXT_BUILD_INFO_ARCHS "none"
+#endif
+
+TORCH_LIBRARY(muon_ext, m) {
+  // The whole Muon step for a list of matrices (see csrc/muon_step_args.h for the contract):
+  //   M = lerp(M, G / grad_scale, 1 - momentum); U = nesterov ? lerp(G', M, momentum) : M
+  //   X = NS(U / max(||U||_F, eps)) per matrix; P = P * (1 - lr * wd) - lr * scale_i * X
+  // With found_inf != 0 nothing changes. grads are never written.
+  m.def(
+      "muon_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor lr, float momentum, bool nesterov, float weight_decay, float eps, "
+      "float[] ns_coefficients, float[] update_scales, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  // Orthogonalization alone for a (B, rows, cols) batch: X / max(||X||_F, eps) per matrix,
+  // then the Newton-Schulz iterations. Returns a new tensor of x's shape and dtype.
+  m.def("newton_schulz(Tensor x, float[] ns_coefficients, float eps) -> Tensor");
+}
+
+namespace {
+
+py::dict build_info() {
+  py::dict d;
+  d["torch_version"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
+                       "." + std::to_string(TORCH_VERSION_PATCH);
+  d["with_cuda"] =
+#ifdef MUON_EXT_WITH_CUDA
+      true;
+  d["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                      std::to_string((CUDART_VERSION % 1000) / 10);
+  d["cublas_version"] = std::to_string(CUBLAS_VER_MAJOR) + "." + std::to_string(CUBLAS_VER_MINOR) +
+                        "." + std::to_string(CUBLAS_VER_PATCH);
+#else
+      false;
+  d["cuda_version"] = py::none();
+  d["cublas_version"] = py::none();
+#endif
+  d["cuda_archs"] = MUON_EXT_BUILD_INFO_ARCHS;
+#ifdef NDEBUG
+  d["debug"] = false;
+#else
+  d["debug"] = true;
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "muon_ext compiled core: registers torch.ops.muon_ext.* and reports build info";
+  m.def("build_info", &build_info, "How this extension was built (torch, CUDA, cuBLAS, archs)");
+}

@@ -1,0 +1,115 @@
+#include "muon_step_args.h"
+
+#include <cmath>
+#include <map>
+#include <utility>
+
+namespace muon_ext {
+namespace {
+
+bool supported_param_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Device& device,
+                         bool allow_cpu) {
+  TORCH_CHECK(t.numel() == 1, "muon_step_: ", name, " must have exactly one element, got shape ",
+              t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "muon_step_: ", name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == device || (allow_cpu && t.device().is_cpu()), "muon_step_: ", name,
+              " must be on ", device, allow_cpu ? " or the CPU" : "", ", got ", t.device());
+}
+
+}  // namespace
+
+void check_ns_coefficients(const std::vector<double>& c, double eps) {
+  TORCH_CHECK(!c.empty() && c.size() % 3 == 0,
+              "ns_coefficients must hold (a, b, c) triples, one per Newton-Schulz iteration; got ",
+              c.size(), " numbers");
+  for (double v : c) {
+    TORCH_CHECK(std::isfinite(v), "ns_coefficients must be finite, got ", v);
+  }
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, "eps must be a finite number >= 0, got ", eps);
+}
+
+void check_muon_step_args(at::TensorList params, at::TensorList grads,
+                          at::TensorList momentum_buffers, const at::Tensor& lr,
+                          const MuonStepArgs& args, const c10::optional<at::Tensor>& grad_scale,
+                          const c10::optional<at::Tensor>& found_inf,
+                          c10::DeviceType device_type) {
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n, "muon_step_: grads has ", grads.size(), " tensors but params has ",
+              n);
+  TORCH_CHECK(momentum_buffers.size() == n, "muon_step_: momentum_buffers has ",
+              momentum_buffers.size(), " tensors but params has ", n);
+  TORCH_CHECK(args.update_scales.size() == n, "muon_step_: update_scales has ",
+              args.update_scales.size(), " entries but params has ", n);
+  TORCH_CHECK(std::isfinite(args.momentum) && args.momentum >= 0.0 && args.momentum < 1.0,
+              "muon_step_: momentum must be in [0, 1), got ", args.momentum);
+  TORCH_CHECK(std::isfinite(args.weight_decay) && args.weight_decay >= 0.0,
+              "muon_step_: weight_decay must be a finite number >= 0, got ", args.weight_decay);
+  check_ns_coefficients(args.ns_coefficients, args.eps);
+  if (n == 0) return;
+
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.type() == device_type, "muon_step_: params[0] is on ", device,
+              ", not on a ", device_type, " device");
+  const at::ScalarType param_dtype = params[0].scalar_type();
+  TORCH_CHECK(supported_param_dtype(param_dtype),
+              "muon_step_: params must be float32, bfloat16 or float16, got ", param_dtype);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    const at::Tensor& m = momentum_buffers[i];
+    TORCH_CHECK(p.dim() == 3, "muon_step_: params[", i,
+                "] must be a 3-D (batch, rows, cols) view, got shape ", p.sizes());
+    TORCH_CHECK(p.scalar_type() == param_dtype, "muon_step_: params[", i, "] is ",
+                p.scalar_type(), " but params[0] is ", param_dtype,
+                "; call once per dtype");
+    TORCH_CHECK(p.device() == device, "muon_step_: params[", i, "] is on ", p.device(),
+                " but params[0] is on ", device);
+    TORCH_CHECK(g.sizes() == p.sizes(), "muon_step_: grads[", i, "] has shape ", g.sizes(),
+                " but params[", i, "] has shape ", p.sizes());
+    TORCH_CHECK(m.sizes() == p.sizes(), "muon_step_: momentum_buffers[", i, "] has shape ",
+                m.sizes(), " but params[", i, "] has shape ", p.sizes());
+    TORCH_CHECK(g.scalar_type() == param_dtype, "muon_step_: grads[", i, "] is ",
+                g.scalar_type(), " but params are ", param_dtype);
+    TORCH_CHECK(m.scalar_type() == at::kFloat, "muon_step_: momentum_buffers[", i,
+                "] must be float32, got ", m.scalar_type());
+    TORCH_CHECK(g.device() == device && m.device() == device, "muon_step_: grads[", i,
+                "] and momentum_buffers[", i, "] must be on ", device);
+    TORCH_CHECK(p.is_contiguous() && g.is_contiguous() && m.is_contiguous(), "muon_step_: params[",
+                i, "], grads[", i, "] and momentum_buffers[", i, "] must be contiguous");
+    TORCH_CHECK(!g.is_sparse(), "muon_step_: grads[", i, "] is sparse; Muon needs dense grads");
+    TORCH_CHECK(std::isfinite(args.update_scales[i]), "muon_step_: update_scales[", i,
+                "] must be finite, got ", args.update_scales[i]);
+    for (size_t j = 0; j < i; ++j) {
+      // In-place updates through aliased storage would race (CUDA) or double-apply (CPU).
+      TORCH_CHECK(!(p.numel() > 0 && params[j].numel() > 0 && p.is_alias_of(params[j])),
+                  "muon_step_: params[", i, "] and params[", j, "] share storage");
+    }
+  }
+  check_scalar_tensor(lr, "lr", device, /*allow_cpu=*/true);
+  if (grad_scale.has_value()) check_scalar_tensor(*grad_scale, "grad_scale", device, true);
+  if (found_inf.has_value()) check_scalar_tensor(*found_inf, "found_inf", device, true);
+}
+
+std::vector<Bucket> make_buckets(at::TensorList params) {
+  std::vector<Bucket> buckets;
+  std::map<std::pair<int64_t, int64_t>, size_t> index;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    if (p.numel() == 0) continue;  // empty tensors (B, r or c == 0) are skipped
+    const int64_t m = std::min(p.size(1), p.size(2));
+    const int64_t nn = std::max(p.size(1), p.size(2));
+    auto [it, inserted] = index.emplace(std::make_pair(m, nn), buckets.size());
+    if (inserted) buckets.push_back(Bucket{m, nn, {}, 0});
+    Bucket& b = buckets[it->second];
+    b.tensors.push_back(static_cast<int64_t>(i));
+    b.num_matrices += p.size(0);
+  }
+  return buckets;
+}
+
+}  // namespace muon_ext

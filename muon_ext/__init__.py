@@ -1,0 +1,14 @@
+"""muon_ext: the Muon optimizer with a fused C++/CUDA step for all matrices at once.
+
+>>> from muon_ext import Muon
+>>> opt = Muon([w for w in model.parameters() if w.ndim >= 2], lr=0.02)  # doctest: +SKIP
+"""
+
+from . import ops, reference
+from ._extension import build_info, extension_available
+from .coefficients import PRESETS
+from .optim import Muon
+
+__version__ = "0.1.0"
+
+__all__ = ["Muon", "PRESETS", "build_info", "extension_available", "ops", "reference"]

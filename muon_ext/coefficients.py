@@ -1,0 +1,111 @@
+"""Newton-Schulz coefficient schedules and the update-scale rules.
+
+A schedule is a list of (a, b, c) triples, one per iteration of
+``A = X Xᵀ; B = b·A + c·A·A; X = a·X + B·X``. Presets are named in ANCHORS-style
+tables in the README; every preset costs the same 3 matmuls per iteration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+Triple = tuple[float, float, float]
+
+JORDAN: Triple = (3.4445, -4.7750, 2.0315)
+
+PRESETS: dict[str, tuple[Triple, ...]] = {
+    # Keller Jordan's quintic, the torch.optim.Muon default, repeated ns_steps times.
+    "jordan": (JORDAN,),
+    # Amsel et al. 2025 (arXiv 2505.16932), 5 iterations, each optimal for its step.
+    "polar_express": (
+        (8.28721, -23.5959, 17.3004),
+        (4.10706, -2.94785, 0.54484),
+        (3.94869, -2.90890, 0.55182),
+        (3.31842, -2.48849, 0.51005),
+        (2.30065, -1.66890, 0.41881),
+    ),
+    # 8 x jordan to grow small singular values fast, then 2 x a convergent polish.
+    "deepseek_v4": (JORDAN,) * 8 + ((2.0, -1.5, 0.5),) * 2,
+}
+
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
+
+
+def resolve_ns_coefficients(ns_coefficients, ns_steps: int) -> list[Triple]:
+    """Turns the user's ``ns_coefficients`` into one (a, b, c) triple per iteration.
+
+    Accepts one triple (repeated ``ns_steps`` times, as torch.optim.Muon does), a list of
+    triples (one per iteration; its length is the iteration count), or a preset name.
+    """
+    if isinstance(ns_steps, bool) or not isinstance(ns_steps, int) or ns_steps < 1:
+        raise ValueError(f"ns_steps must be an int >= 1, got {ns_steps!r}")
+    if ns_steps >= 100:
+        raise ValueError(f"ns_steps must be < 100 (as in torch.optim.Muon), got {ns_steps}")
+    if isinstance(ns_coefficients, str):
+        if ns_coefficients not in PRESETS:
+            raise ValueError(
+                f"ns_coefficients: unknown preset {ns_coefficients!r}; "
+                f"choose one of {sorted(PRESETS)} or pass (a, b, c) triples"
+            )
+        preset = PRESETS[ns_coefficients]
+        # A one-triple preset repeats for ns_steps; a full schedule defines its own length.
+        steps = [preset[0]] * ns_steps if len(preset) == 1 else list(preset)
+        return [tuple(float(v) for v in t) for t in steps]  # type: ignore[misc]
+    if not isinstance(ns_coefficients, Sequence) or len(ns_coefficients) == 0:
+        raise ValueError(
+            f"ns_coefficients must be (a, b, c), a list of (a, b, c) or a preset name, "
+            f"got {ns_coefficients!r}"
+        )
+    if all(_is_number(v) for v in ns_coefficients):
+        triples = [tuple(ns_coefficients)] * ns_steps
+    else:
+        triples = [tuple(t) if isinstance(t, Sequence) else t for t in ns_coefficients]
+    out: list[Triple] = []
+    for i, t in enumerate(triples):
+        if not isinstance(t, tuple) or len(t) != 3 or not all(_is_number(v) for v in t):
+            raise ValueError(
+                f"ns_coefficients[{i}] must be three numbers (a, b, c), got {t!r}"
+            )
+        if not all(math.isfinite(float(v)) for v in t):
+            raise ValueError(f"ns_coefficients[{i}] must be finite, got {t!r}")
+        out.append((float(t[0]), float(t[1]), float(t[2])))
+    return out
+
+
+def flat_coefficients(schedule: Sequence[Triple]) -> list[float]:
+    return [float(v) for t in schedule for v in t]
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """(batch, rows, cols) of the matrices a parameter of this shape is made of.
+
+    2-D: one matrix. 3-D: a stack of independent matrices (MoE experts, batched heads).
+    4-D and up (conv weights): one (out, in·kh·kw) matrix, as Keller Jordan's Muon flattens it.
+    """
+    if len(shape) < 2:
+        raise ValueError(f"Muon needs parameters with at least 2 dims, got shape {tuple(shape)}")
+    if len(shape) == 2:
+        return 1, int(shape[0]), int(shape[1])
+    if len(shape) == 3:
+        return int(shape[0]), int(shape[1]), int(shape[2])
+    return 1, int(shape[0]), int(math.prod(shape[1:]))
+
+
+def update_scale(rows: int, cols: int, adjust_lr_fn: str | None) -> float:
+    """The factor on lr for a rows x cols orthogonalized matrix (torch.optim.Muon's rules)."""
+    if rows == 0 or cols == 0:
+        return 0.0
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    if adjust_lr_fn == "spectral_unclamped":
+        return math.sqrt(rows / cols)
+    raise ValueError(
+        f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}"
+    )
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
