@@ -1,0 +1,58 @@
+"""``python -m muon_ext.info``: what was built, for which torch/CUDA, and what this machine has."""
+
+from __future__ import annotations
+
+import platform
+import sys
+
+import torch
+
+
+def collect() -> dict:
+    from . import __version__, build_info
+
+    info = {
+        "muon_ext": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "build": build_info(),
+    }
+    if torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
+    kernels = {}
+    for op in ("muon_step_", "newton_schulz"):
+        kernels[op] = [
+            key for key in ("CPU", "CUDA")
+            if torch._C._dispatch_has_kernel_for_dispatch_key(f"muon_ext::{op}", key)
+        ]
+    info["kernels"] = kernels
+    return info
+
+
+def main() -> None:
+    info = collect()
+    width = max(map(len, info))
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{key:<{width}} :")
+            for k, v in value.items():
+                print(f"  {k:<{width}} {v}")
+        else:
+            print(f"{key:<{width}} : {value}")
+    build = info["build"]
+    if not build.get("available"):
+        sys.exit(1)
+    if build.get("torch_version") and build["torch_version"] != torch.__version__.split("+")[0]:
+        print(
+            f"warning: built against torch {build['torch_version']} but torch {torch.__version__} "
+            "is installed: rebuild with `pip install --no-build-isolation .`",
+            file=sys.stderr,
+        )
+
+
+if __name__ == "__main__":
+    main()
