@@ -113,8 +113,10 @@ def build_extension():
                       "-l:libcublasLt.so.13" if (nv / "lib" / "libcublasLt.so.13").exists()
                       else "-l:libcublasLt.so.12",
                       f"-Wl,-rpath,{nv / 'lib'}"]
+    # nvcc has no -g0 (and Python's -g reaches only the host compiler's flags).
+    nvcc_opt = ["-O0", "-g"] if debug else ["-O3"]
     nvcc_flags = [
-        *opt,
+        *nvcc_opt,
         "--expt-relaxed-constexpr",
         "-lineinfo",
         "-diag-suppress",

@@ -1,0 +1,552 @@
+// Phases 1, 2 and 4 of the fused Muon step: multi-matrix elementwise kernels (torch-free).
+//
+// Layout of the work (see NOTE: [Block -> (tensor, matrix, piece)] in multi_matrix_apply.cuh):
+//   phase 1 (norm_partials_kernel): a block owns kNormChunk consecutive elements of one matrix,
+//     updates the momentum there and writes one fp32 partial sum of U^2;
+//   phase 2 (normalize_kernel) and phase 4 (write_back_kernel): a block owns kElemChunk
+//     consecutive elements of a wide matrix (rows <= cols), or a strip of kTilesPerStrip
+//     kTile x kTile tiles of a tall one, which it transposes through shared memory so that both
+//     the row-major source and the row-major transposed destination are read/written coalesced.
+// All sizes and indices are int64; fp32 opmath; each output is rounded once.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "multi_matrix_apply.cuh"
+#include "muon_kernels.cuh"
+
+namespace muon_ext {
+namespace cuda {
+namespace detail {
+namespace {
+
+constexpr DirectionSource kMomentumSource = DirectionSource::kMomentum;
+constexpr WriteBack kApplyUpdate = WriteBack::kApplyUpdate;
+
+// U of one element from the scaled-or-not gradient value g and the (new) momentum m.
+template <DirectionSource kSource>
+__device__ __forceinline__ float direction_of(float g, float m, const MomentumMath& math) {
+  if constexpr (kSource == kMomentumSource) {
+    return math.direction(math.scaled_grad(g), m);
+  } else {
+    return g;
+  }
+}
+
+// ================================ phase 1 ================================
+
+// Walks elements [0, len) of one chunk: M <- lerp(M, G', 1 - momentum) in place (kMomentum) and
+// returns this thread's share of sum(U^2) (accumulated in a fixed order).
+template <typename T, DirectionSource kSource>
+struct MomentumNormFunctor {
+  __device__ __forceinline__ float operator()(const T* __restrict__ g, float* __restrict__ m,
+                                              int64_t len, const MomentumMath& math) const {
+    constexpr bool kHasMomentum = kSource == kMomentumSource;
+    float acc = 0.f;
+    int64_t tail = 0;
+    if (is_aligned<kILP>(g) && (!kHasMomentum || is_aligned<kILP>(m))) {
+      const int64_t num_vec = len / kILP;
+      for (int64_t v = threadIdx.x; v < num_vec; v += kBlockSize) {
+        const AlignedVector<T, kILP> gv = load_vector<kILP>(g + v * kILP);
+        if constexpr (kHasMomentum) {
+          AlignedVector<float, kILP> mv = load_vector<kILP>(m + v * kILP);
+#pragma unroll
+          for (int k = 0; k < kILP; ++k) {
+            const float gs = math.scaled_grad(to_float(gv.val[k]));
+            mv.val[k] = math.next_momentum(mv.val[k], gs);
+            const float u = math.direction(gs, mv.val[k]);
+            acc += u * u;
+          }
+          store_vector(m + v * kILP, mv);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kILP; ++k) {
+            const float u = to_float(gv.val[k]);
+            acc += u * u;
+          }
+        }
+      }
+      tail = num_vec * kILP;
+    }
+    for (int64_t i = tail + threadIdx.x; i < len; i += kBlockSize) {
+      if constexpr (kHasMomentum) {
+        const float gs = math.scaled_grad(to_float(g[i]));
+        const float mn = math.next_momentum(m[i], gs);
+        m[i] = mn;
+        const float u = math.direction(gs, mn);
+        acc += u * u;
+      } else {
+        const float u = to_float(g[i]);
+        acc += u * u;
+      }
+    }
+    return acc;
+  }
+};
+
+template <typename T, DirectionSource kSource>
+__global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
+    norm_partials_kernel(const __grid_constant__ SlotTable table,
+                         const __grid_constant__ DeviceScalars scalars,
+                         float* __restrict__ partials) {
+  // NOTE: [found_inf] the flag is read on the device; a set flag returns before anything is
+  // written (no masking with (1 - found_inf): inf * 0 is NaN). Uniform over the grid.
+  if (found_inf_set(scalars)) return;
+  const int64_t block = blockIdx.x;
+  const int slot = find_slot(table, block);
+  const int64_t local = block - table.block_start[slot];
+  const int64_t rows = table.rows[slot];
+  const int64_t cols = table.cols[slot];
+  const int64_t numel = rows * cols;
+  const int64_t chunks = norm_chunks_per_matrix(rows, cols);
+  const int64_t matrix = local / chunks;
+  const int64_t chunk = local - matrix * chunks;
+  const int64_t begin = matrix * numel + chunk * kNormChunk;
+  const int64_t remaining = numel - chunk * kNormChunk;
+  const int64_t len = remaining < kNormChunk ? remaining : kNormChunk;
+
+  const T* g = static_cast<const T*>(table.src[slot]) + begin;
+  float* m = kSource == kMomentumSource ? table.momentum[slot] + begin : nullptr;
+  const MomentumMath math = make_momentum_math(scalars);
+  const float acc = MomentumNormFunctor<T, kSource>{}(g, m, len, math);
+  const float sum = block_sum(acc);
+  // Partials of a tensor are laid out matrix-major like its blocks: partial_offset + local.
+  if (threadIdx.x == 0) partials[table.partial_offset[slot] + local] = sum;
+}
+
+// ================================ phase 2 ================================
+
+// x = U / denom, or exactly 0 when denom == 0 (an all-zero matrix with eps == 0, or a step
+// skipped by found_inf: the workspace then holds zeros and Newton-Schulz stays finite).
+struct Normalizer {
+  float denom;
+  bool zero;
+  __device__ __forceinline__ float operator()(float u) const { return zero ? 0.f : u / denom; }
+};
+
+// Wide matrix (rows <= cols): X has U's layout, so element i of the chunk maps to element i.
+template <typename T, DirectionSource kSource>
+__device__ __forceinline__ void normalize_linear(const T* __restrict__ g,
+                                                 const float* __restrict__ m,
+                                                 __nv_bfloat16* __restrict__ x, int64_t len,
+                                                 const MomentumMath& math, const Normalizer& norm) {
+  constexpr bool kHasMomentum = kSource == kMomentumSource;
+  int64_t tail = 0;
+  if (is_aligned<kILP>(g) && is_aligned<kILP>(x) && (!kHasMomentum || is_aligned<kILP>(m))) {
+    const int64_t num_vec = len / kILP;
+    for (int64_t v = threadIdx.x; v < num_vec; v += kBlockSize) {
+      const AlignedVector<T, kILP> gv = load_vector<kILP>(g + v * kILP);
+      AlignedVector<float, kILP> mv{};
+      if constexpr (kHasMomentum) mv = load_vector<kILP>(m + v * kILP);
+      AlignedVector<__nv_bfloat16, kILP> xv;
+#pragma unroll
+      for (int k = 0; k < kILP; ++k) {
+        const float u = direction_of<kSource>(to_float(gv.val[k]), mv.val[k], math);
+        xv.val[k] = from_float<__nv_bfloat16>(norm(u));
+      }
+      store_vector(x + v * kILP, xv);
+    }
+    tail = num_vec * kILP;
+  }
+  for (int64_t i = tail + threadIdx.x; i < len; i += kBlockSize) {
+    const float u = direction_of<kSource>(to_float(g[i]), kHasMomentum ? m[i] : 0.f, math);
+    x[i] = from_float<__nv_bfloat16>(norm(u));
+  }
+}
+
+// Tall matrix (rows > cols): U is rows x cols, X = Uᵀ / denom is cols x rows (row-major, ld =
+// rows). The block covers U rows [strip * kStripRows, +kStripRows) x cols [j0, j0 + kTile).
+// Per tile: thread (tx, ty) reads U[i0 + ty + 4k][j0 + tx] (64 consecutive elements of a U row
+// per thread row) into tile[ty + 4k][tx], then writes X[j0 + ty + 4k][i0 + tx] =
+// tile[tx][ty + 4k] (64 consecutive elements of an X row). The +1 padding makes the column read
+// tile[tx][c] hit 32 different banks across a warp.
+template <typename T, DirectionSource kSource>
+__device__ __forceinline__ void normalize_tall(const T* __restrict__ g,
+                                               const float* __restrict__ m,
+                                               __nv_bfloat16* __restrict__ x, int64_t rows,
+                                               int64_t cols, int64_t piece,
+                                               const MomentumMath& math, const Normalizer& norm) {
+  constexpr bool kHasMomentum = kSource == kMomentumSource;
+  __shared__ float tile[kTile][kTile + 1];
+  const int64_t tiles_per_strip_row = ceil_div(cols, kTile);
+  const int64_t strip = piece / tiles_per_strip_row;
+  const int64_t j0 = (piece - strip * tiles_per_strip_row) * kTile;
+  const int tx = static_cast<int>(threadIdx.x) % kTile;
+  const int ty = static_cast<int>(threadIdx.x) / kTile;
+  for (int t = 0; t < kTilesPerStrip; ++t) {
+    const int64_t i0 = strip * kStripRows + int64_t{t} * kTile;
+    if (i0 >= rows) break;  // uniform across the block: no thread skips a __syncthreads
+#pragma unroll 4
+    for (int k = 0; k < kTileRowsPerThread; ++k) {
+      const int r = ty + k * kTileThreadRows;
+      const int64_t i = i0 + r;
+      const int64_t j = j0 + tx;
+      if (i < rows && j < cols) {
+        const int64_t idx = i * cols + j;
+        tile[r][tx] =
+            norm(direction_of<kSource>(to_float(g[idx]), kHasMomentum ? m[idx] : 0.f, math));
+      }
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < kTileRowsPerThread; ++k) {
+      const int c = ty + k * kTileThreadRows;
+      const int64_t j = j0 + c;   // row of X (a column of U), < cols = m
+      const int64_t i = i0 + tx;  // column of X (a row of U), < rows = n
+      if (j < cols && i < rows) x[j * rows + i] = from_float<__nv_bfloat16>(tile[tx][c]);
+    }
+    __syncthreads();  // the next tile overwrites `tile`
+  }
+}
+
+template <typename T, DirectionSource kSource>
+__global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
+    normalize_kernel(const __grid_constant__ SlotTable table,
+                     const __grid_constant__ DeviceScalars scalars,
+                     const float* __restrict__ partials) {
+  const int64_t block = blockIdx.x;
+  const int slot = find_slot(table, block);
+  const int64_t local = block - table.block_start[slot];
+  const int64_t rows = table.rows[slot];
+  const int64_t cols = table.cols[slot];
+  const int64_t numel = rows * cols;
+  const int64_t pieces = walk_blocks_per_matrix(rows, cols);
+  const int64_t matrix = local / pieces;
+  const int64_t piece = local - matrix * pieces;
+
+  // NOTE: [Deterministic norm] every block of a matrix sums the same partials with the same
+  // thread mapping and the same block_sum, so all of them get the bit-identical norm.
+  Normalizer norm{0.f, true};
+  if (!found_inf_set(scalars)) {  // uniform over the grid, so block_sum is reached by all
+    const int64_t count = norm_chunks_per_matrix(rows, cols);
+    const float* p = partials + table.partial_offset[slot] + matrix * count;
+    float acc = 0.f;
+    for (int64_t i = threadIdx.x; i < count; i += kBlockSize) acc += p[i];
+    const float frob = sqrtf(block_sum(acc));
+    // max(||U||, eps) as torch's clamp(min=eps): a NaN norm stays NaN (garbage in, visible out).
+    norm.denom = frob < scalars.eps ? scalars.eps : frob;
+    norm.zero = norm.denom == 0.f;
+  }
+
+  const int64_t offset = matrix * numel;  // X of matrix `matrix` also starts there (m n == r c)
+  const T* g = static_cast<const T*>(table.src[slot]) + offset;
+  const float* m = kSource == kMomentumSource ? table.momentum[slot] + offset : nullptr;
+  __nv_bfloat16* x = table.ns_x[slot] + offset;
+  const MomentumMath math = make_momentum_math(scalars);
+  if (!is_tall(rows, cols)) {
+    const int64_t begin = piece * kElemChunk;
+    const int64_t remaining = numel - begin;
+    normalize_linear<T, kSource>(g + begin, m != nullptr ? m + begin : nullptr, x + begin,
+                                 remaining < kElemChunk ? remaining : kElemChunk, math, norm);
+  } else {
+    normalize_tall<T, kSource>(g, m, x, rows, cols, piece, math, norm);
+  }
+}
+
+// ================================ phase 4 ================================
+
+template <WriteBack kMode>
+struct WriteBackMath {
+  float decay;  // 1 - lr * weight_decay
+  float step;   // lr * update_scale
+  // The new dst value from the old one (unused for kCopy) and X.
+  __device__ __forceinline__ float operator()(float p, float x) const {
+    if constexpr (kMode == kApplyUpdate) {
+      return p * decay - step * x;
+    } else {
+      return x;
+    }
+  }
+};
+
+template <typename T, WriteBack kMode>
+__device__ __forceinline__ void write_back_linear(T* __restrict__ p,
+                                                  const __nv_bfloat16* __restrict__ x,
+                                                  int64_t len, const WriteBackMath<kMode>& op) {
+  constexpr bool kReadsDst = kMode == kApplyUpdate;
+  int64_t tail = 0;
+  if (is_aligned<kILP>(p) && is_aligned<kILP>(x)) {
+    const int64_t num_vec = len / kILP;
+    for (int64_t v = threadIdx.x; v < num_vec; v += kBlockSize) {
+      const AlignedVector<__nv_bfloat16, kILP> xv = load_vector<kILP>(x + v * kILP);
+      AlignedVector<T, kILP> pv;
+      if constexpr (kReadsDst) pv = load_vector<kILP>(p + v * kILP);
+#pragma unroll
+      for (int k = 0; k < kILP; ++k) {
+        const float old = kReadsDst ? to_float(pv.val[k]) : 0.f;
+        pv.val[k] = from_float<T>(op(old, to_float(xv.val[k])));
+      }
+      store_vector(p + v * kILP, pv);
+    }
+    tail = num_vec * kILP;
+  }
+  for (int64_t i = tail + threadIdx.x; i < len; i += kBlockSize) {
+    const float old = kReadsDst ? to_float(p[i]) : 0.f;
+    p[i] = from_float<T>(op(old, to_float(x[i])));
+  }
+}
+
+// Tall matrix: X is cols x rows (ld = rows). Thread (tx, ty) reads X[j0 + ty + 4k][i0 + tx]
+// into tile[ty + 4k][tx] (coalesced along an X row), then updates P[i0 + ty + 4k][j0 + tx] with
+// X[j0 + tx][i0 + ty + 4k] = tile[tx][ty + 4k] (coalesced along a P row).
+template <typename T, WriteBack kMode>
+__device__ __forceinline__ void write_back_tall(T* __restrict__ p,
+                                                const __nv_bfloat16* __restrict__ x,
+                                                int64_t rows, int64_t cols, int64_t piece,
+                                                const WriteBackMath<kMode>& op) {
+  constexpr bool kReadsDst = kMode == kApplyUpdate;
+  __shared__ float tile[kTile][kTile + 1];
+  const int64_t tiles_per_strip_row = ceil_div(cols, kTile);
+  const int64_t strip = piece / tiles_per_strip_row;
+  const int64_t j0 = (piece - strip * tiles_per_strip_row) * kTile;
+  const int tx = static_cast<int>(threadIdx.x) % kTile;
+  const int ty = static_cast<int>(threadIdx.x) / kTile;
+  for (int t = 0; t < kTilesPerStrip; ++t) {
+    const int64_t i0 = strip * kStripRows + int64_t{t} * kTile;
+    if (i0 >= rows) break;  // uniform across the block
+#pragma unroll 4
+    for (int k = 0; k < kTileRowsPerThread; ++k) {
+      const int c = ty + k * kTileThreadRows;
+      const int64_t j = j0 + c;
+      const int64_t i = i0 + tx;
+      if (j < cols && i < rows) tile[c][tx] = to_float(x[j * rows + i]);
+    }
+    __syncthreads();
+#pragma unroll 4
+    for (int k = 0; k < kTileRowsPerThread; ++k) {
+      const int r = ty + k * kTileThreadRows;
+      const int64_t i = i0 + r;
+      const int64_t j = j0 + tx;
+      if (i < rows && j < cols) {
+        const int64_t idx = i * cols + j;
+        const float old = kReadsDst ? to_float(p[idx]) : 0.f;
+        p[idx] = from_float<T>(op(old, tile[tx][r]));
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, WriteBack kMode>
+__global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
+    write_back_kernel(const __grid_constant__ SlotTable table,
+                      const __grid_constant__ DeviceScalars scalars) {
+  if (found_inf_set(scalars)) return;  // see NOTE: [found_inf]
+  const int64_t block = blockIdx.x;
+  const int slot = find_slot(table, block);
+  const int64_t local = block - table.block_start[slot];
+  const int64_t rows = table.rows[slot];
+  const int64_t cols = table.cols[slot];
+  const int64_t numel = rows * cols;
+  const int64_t pieces = walk_blocks_per_matrix(rows, cols);
+  const int64_t matrix = local / pieces;
+  const int64_t piece = local - matrix * pieces;
+
+  WriteBackMath<kMode> op{1.f, 0.f};
+  if constexpr (kMode == kApplyUpdate) {
+    // Weight decay uses the unadjusted lr (as torch.optim.Muon); the update uses lr * scale.
+    const float lr = scalars.lr != nullptr ? *scalars.lr : scalars.lr_value;
+    op.decay = 1.f - lr * scalars.weight_decay;
+    op.step = lr * table.update_scale[slot];
+  }
+  const int64_t offset = matrix * numel;
+  T* p = static_cast<T*>(table.dst[slot]) + offset;
+  const __nv_bfloat16* x = table.ns_x[slot] + offset;
+  if (!is_tall(rows, cols)) {
+    const int64_t begin = piece * kElemChunk;
+    const int64_t remaining = numel - begin;
+    write_back_linear<T, kMode>(p + begin, x + begin,
+                                remaining < kElemChunk ? remaining : kElemChunk, op);
+  } else {
+    write_back_tall<T, kMode>(p, x, rows, cols, piece, op);
+  }
+}
+
+// ================================ host side ================================
+
+void check_launch(const char* kernel) {
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("muon_ext: launching ") + kernel + " failed: " +
+                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  }
+}
+
+DeviceScalars to_device_scalars(const StepScalars& s) {
+  DeviceScalars d{};
+  d.lr = s.lr;
+  d.grad_scale = s.grad_scale;
+  d.found_inf = s.found_inf;
+  d.lr_value = static_cast<float>(s.lr_value);
+  d.grad_scale_value = static_cast<float>(s.grad_scale_value);
+  d.momentum = static_cast<float>(s.momentum);
+  d.one_minus_momentum = static_cast<float>(1.0 - s.momentum);  // computed in double, rounded once
+  d.weight_decay = static_cast<float>(s.weight_decay);
+  d.eps = static_cast<float>(s.eps);
+  d.nesterov = s.nesterov ? 1 : 0;
+  return d;
+}
+
+enum class Geometry { kNormChunks, kWalk };
+
+int64_t checked_numel(const MatrixTensor& t) {
+  if (t.batch < 0 || t.rows < 0 || t.cols < 0) {
+    throw std::invalid_argument("muon_ext: negative tensor dimension");
+  }
+  return t.batch * t.rows * t.cols;
+}
+
+// Fills slot tables in list order and calls launch(table, grid_blocks) for each full table.
+// Partial offsets advance by each tensor's phase-1 block count whatever the geometry, so
+// phases 1 and 2 agree on where a matrix's partials are.
+template <typename Launch>
+void for_each_launch(const std::vector<MatrixTensor>& tensors, Geometry geometry,
+                     Launch&& launch) {
+  SlotTable table;
+  std::memset(&table, 0, sizeof(table));
+  int64_t blocks = 0;
+  int64_t partial_offset = 0;
+  auto flush = [&]() {
+    if (table.num_slots == 0) return;
+    table.block_start[table.num_slots] = blocks;
+    launch(table, blocks);
+    std::memset(&table, 0, sizeof(table));
+    blocks = 0;
+  };
+  for (const MatrixTensor& t : tensors) {
+    if (checked_numel(t) == 0) continue;  // empty tensors are skipped
+    const int64_t per_matrix = geometry == Geometry::kNormChunks
+                                   ? norm_chunks_per_matrix(t.rows, t.cols)
+                                   : walk_blocks_per_matrix(t.rows, t.cols);
+    const int64_t need = t.batch * per_matrix;
+    if (need > kMaxGridBlocks) {
+      throw std::invalid_argument("muon_ext: a tensor needs more CUDA blocks than one grid holds");
+    }
+    if (table.num_slots == kMaxSlots || blocks + need > kMaxGridBlocks) flush();
+    const int s = table.num_slots++;
+    table.src[s] = t.src;
+    table.momentum[s] = t.momentum;
+    table.dst[s] = t.dst;
+    table.ns_x[s] = t.ns_x;
+    table.rows[s] = t.rows;
+    table.cols[s] = t.cols;
+    table.partial_offset[s] = partial_offset;
+    table.update_scale[s] = t.update_scale;
+    table.block_start[s] = blocks;
+    blocks += need;
+    partial_offset += t.batch * norm_chunks_per_matrix(t.rows, t.cols);
+  }
+  flush();
+}
+
+// Calls f(T{}) with T the CUDA element type of `type`.
+template <typename F>
+void dispatch_element_type(ElementType type, F&& f) {
+  switch (type) {
+    case ElementType::kFloat32:
+      f(float{});
+      return;
+    case ElementType::kBFloat16:
+      f(__nv_bfloat16{});
+      return;
+    case ElementType::kFloat16:
+      f(__half{});
+      return;
+  }
+  throw std::invalid_argument("muon_ext: unsupported element type");
+}
+
+// Which pointers a phase dereferences; a null one is a caller bug, reported before any launch.
+struct Needs {
+  bool src;
+  bool momentum;
+  bool ns_x;
+  bool dst;
+};
+
+void check_tensors(const std::vector<MatrixTensor>& tensors, const Needs& needs) {
+  for (const MatrixTensor& t : tensors) {
+    if (checked_numel(t) == 0) continue;
+    if ((needs.src && t.src == nullptr) || (needs.momentum && t.momentum == nullptr) ||
+        (needs.ns_x && t.ns_x == nullptr) || (needs.dst && t.dst == nullptr)) {
+      throw std::invalid_argument(
+          "muon_ext: a tensor entry lacks a pointer this phase needs (src, momentum, ns_x or dst)");
+    }
+  }
+}
+
+}  // namespace
+}  // namespace detail
+
+void launch_norm_partials(const std::vector<MatrixTensor>& tensors, ElementType type,
+                          DirectionSource source, const StepScalars& scalars, float* partials,
+                          cudaStream_t stream) {
+  using namespace detail;
+  const bool momentum = source == DirectionSource::kMomentum;
+  check_tensors(tensors, Needs{true, momentum, false, false});
+  if (count_norm_partials(tensors) > 0 && partials == nullptr) {
+    throw std::invalid_argument("muon_ext: null partials buffer");
+  }
+  const DeviceScalars ds = to_device_scalars(scalars);
+  dispatch_element_type(type, [&](auto tag) {
+    using T = decltype(tag);
+    for_each_launch(tensors, Geometry::kNormChunks, [&](const SlotTable& table, int64_t blocks) {
+      if (source == DirectionSource::kMomentum) {
+        launch_kernel(norm_partials_kernel<T, DirectionSource::kMomentum>, blocks, stream, table,
+                      ds, partials);
+      } else {
+        launch_kernel(norm_partials_kernel<T, DirectionSource::kInput>, blocks, stream, table, ds,
+                      partials);
+      }
+      check_launch("norm_partials_kernel");
+    });
+  });
+}
+
+void launch_normalize(const std::vector<MatrixTensor>& tensors, ElementType type,
+                      DirectionSource source, const StepScalars& scalars, const float* partials,
+                      cudaStream_t stream) {
+  using namespace detail;
+  const bool momentum = source == DirectionSource::kMomentum;
+  check_tensors(tensors, Needs{true, momentum, true, false});
+  const DeviceScalars ds = to_device_scalars(scalars);
+  dispatch_element_type(type, [&](auto tag) {
+    using T = decltype(tag);
+    for_each_launch(tensors, Geometry::kWalk, [&](const SlotTable& table, int64_t blocks) {
+      if (source == DirectionSource::kMomentum) {
+        launch_kernel(normalize_kernel<T, DirectionSource::kMomentum>, blocks, stream, table, ds,
+                      partials);
+      } else {
+        launch_kernel(normalize_kernel<T, DirectionSource::kInput>, blocks, stream, table, ds,
+                      partials);
+      }
+      check_launch("normalize_kernel");
+    });
+  });
+}
+
+void launch_write_back(const std::vector<MatrixTensor>& tensors, ElementType type, WriteBack mode,
+                       const StepScalars& scalars, cudaStream_t stream) {
+  using namespace detail;
+  check_tensors(tensors, Needs{false, false, true, true});
+  const DeviceScalars ds = to_device_scalars(scalars);
+  dispatch_element_type(type, [&](auto tag) {
+    using T = decltype(tag);
+    for_each_launch(tensors, Geometry::kWalk, [&](const SlotTable& table, int64_t blocks) {
+      if (mode == WriteBack::kApplyUpdate) {
+        launch_kernel(write_back_kernel<T, WriteBack::kApplyUpdate>, blocks, stream, table, ds);
+      } else {
+        launch_kernel(write_back_kernel<T, WriteBack::kCopy>, blocks, stream, table, ds);
+      }
+      check_launch("write_back_kernel");
+    });
+  });
+}
+
+}  // namespace cuda
+}  // namespace muon_ext

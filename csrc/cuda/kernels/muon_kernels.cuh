@@ -1,0 +1,153 @@
+// Torch-free CUDA implementation of the fused Muon step: the public host API.
+//
+// Everything here takes raw device pointers, a cudaStream_t and cuBLAS/cuBLASLt handles; no
+// torch header is included anywhere under csrc/cuda/kernels/, so these files compile in seconds
+// and CMakeLists.txt builds them (and their C++ test) without PyTorch. The torch glue lives in
+// csrc/cuda/muon_step_cuda.cpp. This header holds host declarations only, so a plain C++
+// translation unit (g++) can include it.
+//
+// A step is four phases, each a handful of launches on one stream, in this order:
+//   1. launch_norm_partials   momentum + Nesterov, per-chunk partial sums of U^2 (fp32)
+//   2. launch_normalize       X = bf16(U / max(||U||_F, eps)) into the bucket workspace,
+//                             transposed for tall matrices so every bucket is m x n with m <= n
+//   3. newton_schulz_batched  per bucket, 3 strided-batched GEMMs per (a, b, c) iteration
+//   4. launch_write_back      P = P (1 - lr wd) - lr scale X (or a plain cast for newton_schulz)
+// Phases 1 and 2 must receive the same tensor list (the partial-sum layout is derived from it).
+#pragma once
+
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace muon_ext {
+namespace cuda {
+
+// Element type of params / grads (muon_step_) or of the input / output (newton_schulz).
+enum class ElementType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// Where the direction U of phases 1-2 comes from.
+enum class DirectionSource : int32_t {
+  kMomentum = 0,  // muon_step_: M = lerp(M, G / grad_scale, 1 - momentum); U = Nesterov(G', M) or M
+  kInput = 1,     // newton_schulz: U = X (src), no momentum
+};
+
+// What phase 4 writes into dst.
+enum class WriteBack : int32_t {
+  kApplyUpdate = 0,  // muon_step_: P = P (1 - lr wd) - lr update_scale X
+  kCopy = 1,         // newton_schulz: out = cast(X)
+};
+
+// One tensor of the op's lists: `batch` contiguous row-major rows x cols matrices.
+// Tensors with zero elements must not be passed (the launchers skip them anyway).
+struct MatrixTensor {
+  const void* src = nullptr;      // grads (muon_step_; never written) or x (newton_schulz)
+  float* momentum = nullptr;      // fp32 momentum buffer (muon_step_), nullptr for newton_schulz
+  void* dst = nullptr;            // params (muon_step_; read, written) or the output
+  __nv_bfloat16* ns_x = nullptr;  // first matrix of this tensor in its bucket's X buffer (m x n)
+  int64_t batch = 0;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  float update_scale = 0.f;  // lr multiplier of this tensor (phase 4, kApplyUpdate)
+};
+
+// Scalars of a step. lr / grad_scale / found_inf are either device pointers to one fp32 value
+// (read in the kernels, never on the host: no sync, CUDA-graph safe) or nullptr, in which case
+// the *_value field is used (a CPU tensor read by the caller). found_inf == nullptr means "no
+// overflow"; a device found_inf != 0 makes phases 1 and 4 return at once (nothing changes).
+struct StepScalars {
+  const float* lr = nullptr;
+  double lr_value = 0.0;
+  const float* grad_scale = nullptr;
+  double grad_scale_value = 1.0;
+  const float* found_inf = nullptr;
+  double momentum = 0.0;
+  double weight_decay = 0.0;
+  double eps = 0.0;
+  bool nesterov = false;
+};
+
+// A shape bucket: every matrix of the listed tensors is m x n after orientation (m <= n).
+// `tensors` index into the MatrixTensor vector handed to the planning functions below.
+struct ShapeBucket {
+  int64_t m = 0;
+  int64_t n = 0;
+  std::vector<int64_t> tensors;
+  int64_t num_matrices = 0;
+};
+
+// Byte offsets into one device allocation holding everything a step needs (256-byte aligned).
+struct StepWorkspacePlan {
+  size_t total_bytes = 0;
+  size_t partials_offset = 0;          // float[num_partials], phase 1 -> phase 2
+  int64_t num_partials = 0;
+  std::vector<size_t> x_offset[2];     // per bucket: the ping-pong X buffers, num_matrices*m*n bf16
+  size_t gram_offset = 0;              // shared by all buckets: max(num_matrices*m*m) bf16
+  size_t poly_offset = 0;              // same size as gram
+};
+
+// Buffers of one bucket's Newton-Schulz iterations (all bf16, contiguous strided batches).
+struct NsBuffers {
+  __nv_bfloat16* x[2] = {nullptr, nullptr};  // num_matrices * m * n each; x[0] holds the input
+  __nv_bfloat16* gram = nullptr;             // num_matrices * m * m: A = X Xᵀ
+  __nv_bfloat16* poly = nullptr;             // num_matrices * m * m: B = b A + c A A
+};
+
+// BLAS context of phase 3. `lt` and `lt_workspace` drive the cuBLASLt path; `legacy` is the
+// fallback for a GEMM that cuBLASLt's heuristic has no algorithm for (and force_legacy makes
+// every GEMM take it, for tests). The legacy handle's stream is set to the call's stream only if
+// it differs (re-setting it would drop a workspace installed with cublasSetWorkspace).
+struct BlasContext {
+  cublasLtHandle_t lt = nullptr;
+  cublasHandle_t legacy = nullptr;
+  void* lt_workspace = nullptr;
+  size_t lt_workspace_bytes = 0;
+  bool force_legacy = false;
+};
+
+// ---- planning (host only, no device work) ----
+
+// Number of fp32 partial sums phase 1 writes for this list.
+int64_t count_norm_partials(const std::vector<MatrixTensor>& tensors);
+
+// Lays out partials, the per-bucket X ping-pong buffers and the shared Gram / polynomial
+// buffers. Throws std::invalid_argument when a tensor does not match its bucket's (m, n).
+StepWorkspacePlan plan_step_workspace(const std::vector<MatrixTensor>& tensors,
+                                      const std::vector<ShapeBucket>& buckets);
+
+// Points every bucketed tensor's ns_x at its first matrix in X buffer `which` (0 or 1).
+void bind_ns_buffers(std::vector<MatrixTensor>& tensors, const std::vector<ShapeBucket>& buckets,
+                     const StepWorkspacePlan& plan, void* workspace, int which);
+
+NsBuffers bucket_ns_buffers(const StepWorkspacePlan& plan, size_t bucket, void* workspace);
+
+// ---- phases (asynchronous on `stream`; throw std::runtime_error on a failed launch) ----
+
+// Phase 1: one launch per group of up to kMaxSlots tensors (see multi_matrix_apply.cuh).
+void launch_norm_partials(const std::vector<MatrixTensor>& tensors, ElementType type,
+                          DirectionSource source, const StepScalars& scalars, float* partials,
+                          cudaStream_t stream);
+
+// Phase 2: writes every tensor's ns_x (which must point into X buffer 0 of its bucket).
+void launch_normalize(const std::vector<MatrixTensor>& tensors, ElementType type,
+                      DirectionSource source, const StepScalars& scalars, const float* partials,
+                      cudaStream_t stream);
+
+// Phase 3: runs num_coefficients / 3 iterations on `batch` m x n matrices starting in
+// buffers.x[0]; returns the index (0 or 1) of the buffer holding the result, i.e.
+// (num_coefficients / 3) % 2. `coefficients` is the flat host list (a0, b0, c0, a1, ...).
+int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coefficients,
+                          int64_t num_coefficients, const NsBuffers& buffers,
+                          const BlasContext& blas, cudaStream_t stream);
+
+// Phase 4: reads every tensor's ns_x (which must point at the buffer newton_schulz_batched
+// returned) with the transposition undone, and writes dst.
+void launch_write_back(const std::vector<MatrixTensor>& tensors, ElementType type, WriteBack mode,
+                       const StepScalars& scalars, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace muon_ext

@@ -1,0 +1,358 @@
+// Phase 3 of the fused Muon step: batched Newton-Schulz on one shape bucket (torch-free).
+//
+// NOTE: [Row-major matrices in column-major BLAS]
+// The workspace holds a bucket as `batch` contiguous ROW-major m x n matrices X (m <= n, ld n,
+// batch stride m*n). cuBLAS(Lt) is COLUMN-major: the same bytes read column-major are Xᵀ, an
+// n x m matrix with leading dimension n. Write Z_c for the column-major reading of a row-major
+// buffer Z, so Z_c = Zᵀ. One iteration is, in row-major terms,
+//     A  = X Xᵀ          (m x m)
+//     B  = b A + c A A   (m x m)
+//     X' = a X + B X     (m x n)
+// and transposing each equation ((PQ)ᵀ = QᵀPᵀ) gives what cuBLAS computes on the column-major
+// views, D = alpha op(A) op(B) + beta C with D of size M x N:
+//   GEMM1  A_c  = X_cᵀ X_c           op(A) = T on X_c (stored n x m, ld n); op(B) = N on X_c;
+//                                    M = m, N = m, K = n; D = gram (m x m, ld m); alpha 1, beta 0
+//   GEMM2  B_c  = c A_c A_c + b A_c  op(A) = op(B) = N on gram (m x m, ld m); M = N = K = m;
+//                                    C = gram, D = poly (m x m, ld m); alpha c, beta b
+//   GEMM3  X'_c = X_c B_c + a X_c    op(A) = N on X_c (n x m, ld n); op(B) = N on poly (m x m,
+//                                    ld m); M = n, N = m, K = m; C = X_c, D = X'_c (the other
+//                                    ping-pong buffer, n x m, ld n); alpha 1, beta a
+// Batch strides (elements): m*n for X buffers, m*m for gram and poly. No symmetry of A or B is
+// assumed: GEMM2 and GEMM3 use them exactly as stored, which matches the reference
+// (`baddbmm(A, A, A, beta=b, alpha=c)`, `baddbmm(X, B, X, beta=a)`) operation for operation.
+// GEMM1 is the "TN" layout, the one bf16 tensor-core kernels like best.
+//
+// NOTE: [Why cuBLASLt]
+// Legacy cuBLAS computes C = alpha op(A) op(B) + beta C in place (C may not alias A or B), so
+// GEMM2 would need gram copied into poly first and GEMM3 X copied into X'. cublasLtMatmul takes
+// a separate output D, so with C = gram / X and D = poly / X' the coefficients fold into
+// alpha/beta: 3 GEMMs per iteration, no copy, no elementwise launch. If cuBLASLt's heuristic has
+// no algorithm for a shape/alignment (or BlasContext::force_legacy), that GEMM alone falls back
+// to cublasGemmStridedBatchedEx preceded by one cudaMemcpyAsync of C into D.
+//
+// NOTE: [Accumulation]
+// bf16 A/B/C/D, CUBLAS_COMPUTE_32F, fp32 alpha/beta (host pointers). Split-K is restricted to
+// CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE (INPLACE and OUTPUT_TYPE sum split-K partials in bf16),
+// and the legacy fallback sets CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION for the same
+// reason. Heuristic results depend only on shapes, alignments, workspace size and device, so the
+// algorithm (and the bits) are the same on every rerun.
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdint>
+#include <initializer_list>
+#include <memory>
+#include <stdexcept>
+#include <string>
+
+#include "muon_kernels.cuh"
+
+namespace muon_ext {
+namespace cuda {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+std::string cublas_status_text(cublasStatus_t status) {
+  return std::string(cublasGetStatusName(status)) + " (" + cublasGetStatusString(status) + ")";
+}
+
+void check_cublas(cublasStatus_t status, const char* what) {
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    throw std::runtime_error(std::string("muon_ext newton_schulz: ") + what +
+                             " failed: " + cublas_status_text(status));
+  }
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("muon_ext newton_schulz: ") + what + " failed: " +
+                             cudaGetErrorName(err) + ": " + cudaGetErrorString(err));
+  }
+}
+
+struct LtDestroy {
+  void operator()(cublasLtMatmulDescOpaque_t* p) const { cublasLtMatmulDescDestroy(p); }
+  void operator()(cublasLtMatrixLayoutOpaque_t* p) const { cublasLtMatrixLayoutDestroy(p); }
+  void operator()(cublasLtMatmulPreferenceOpaque_t* p) const { cublasLtMatmulPreferenceDestroy(p); }
+};
+using LtMatmulDesc = std::unique_ptr<cublasLtMatmulDescOpaque_t, LtDestroy>;
+using LtLayout = std::unique_ptr<cublasLtMatrixLayoutOpaque_t, LtDestroy>;
+using LtPreference = std::unique_ptr<cublasLtMatmulPreferenceOpaque_t, LtDestroy>;
+
+// One strided-batched GEMM in column-major terms: D = alpha op(A) op(B) + beta C, D is M x N,
+// the reduction dimension is K. ld_d == ld_c and stride_d == stride_c (D and C share a layout).
+struct GemmShape {
+  cublasOperation_t trans_a;
+  cublasOperation_t trans_b;
+  int64_t M;
+  int64_t N;
+  int64_t K;
+  int64_t ld_a;
+  int64_t ld_b;
+  int64_t ld_c;
+  int64_t stride_a;
+  int64_t stride_b;
+  int64_t stride_c;
+  int64_t batch;
+
+  // Dimensions of A and B as stored (before op), as cuBLASLt layouts describe them.
+  int64_t a_rows() const { return trans_a == CUBLAS_OP_N ? M : K; }
+  int64_t a_cols() const { return trans_a == CUBLAS_OP_N ? K : M; }
+  int64_t b_rows() const { return trans_b == CUBLAS_OP_N ? K : N; }
+  int64_t b_cols() const { return trans_b == CUBLAS_OP_N ? N : K; }
+};
+
+// Largest power of two <= 256 dividing v (cuBLASLt's alignment preferences are in bytes).
+uint32_t alignment_of(uint64_t v) {
+  uint32_t a = 256;
+  while (a > 1 && v % a != 0) a /= 2;
+  return a;
+}
+
+// Alignment every batch of an operand is guaranteed: its base pointers, its columns (ld) and
+// its batch stride, in bytes.
+uint32_t operand_alignment(std::initializer_list<const void*> bases, int64_t ld, int64_t stride) {
+  uint32_t a = std::min(alignment_of(static_cast<uint64_t>(ld) * sizeof(bf16)),
+                        alignment_of(static_cast<uint64_t>(stride) * sizeof(bf16)));
+  for (const void* p : bases) a = std::min(a, alignment_of(reinterpret_cast<uintptr_t>(p)));
+  return a;
+}
+
+LtLayout make_layout(int64_t rows, int64_t cols, int64_t ld, int64_t batch, int64_t stride) {
+  cublasLtMatrixLayout_t raw = nullptr;
+  check_cublas(cublasLtMatrixLayoutCreate(&raw, CUDA_R_16BF, static_cast<uint64_t>(rows),
+                                          static_cast<uint64_t>(cols), ld),
+               "cublasLtMatrixLayoutCreate");
+  LtLayout layout(raw);
+  const int32_t count = static_cast<int32_t>(batch);
+  check_cublas(cublasLtMatrixLayoutSetAttribute(raw, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count,
+                                                sizeof(count)),
+               "cublasLtMatrixLayoutSetAttribute(BATCH_COUNT)");
+  check_cublas(cublasLtMatrixLayoutSetAttribute(raw, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET,
+                                                &stride, sizeof(stride)),
+               "cublasLtMatrixLayoutSetAttribute(STRIDED_BATCH_OFFSET)");
+  return layout;
+}
+
+// A cuBLASLt GEMM whose algorithm is chosen once per newton_schulz_batched call (the three
+// GEMMs of an iteration keep their shapes for all iterations; only pointers and scalars change).
+class LtGemm {
+ public:
+  // align_*: bytes every pointer this GEMM will see for that operand is aligned to.
+  LtGemm(const BlasContext& blas, const GemmShape& s, uint32_t align_a, uint32_t align_b,
+         uint32_t align_c, uint32_t align_d) {
+    cublasLtMatmulDesc_t desc = nullptr;
+    check_cublas(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F),
+                 "cublasLtMatmulDescCreate");
+    desc_.reset(desc);
+    const int32_t trans_a = s.trans_a;
+    const int32_t trans_b = s.trans_b;
+    check_cublas(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &trans_a,
+                                                sizeof(trans_a)),
+                 "cublasLtMatmulDescSetAttribute(TRANSA)");
+    check_cublas(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b,
+                                                sizeof(trans_b)),
+                 "cublasLtMatmulDescSetAttribute(TRANSB)");
+    a_ = make_layout(s.a_rows(), s.a_cols(), s.ld_a, s.batch, s.stride_a);
+    b_ = make_layout(s.b_rows(), s.b_cols(), s.ld_b, s.batch, s.stride_b);
+    c_ = make_layout(s.M, s.N, s.ld_c, s.batch, s.stride_c);
+
+    cublasLtMatmulPreference_t raw_pref = nullptr;
+    check_cublas(cublasLtMatmulPreferenceCreate(&raw_pref), "cublasLtMatmulPreferenceCreate");
+    LtPreference pref(raw_pref);
+    const uint64_t workspace = blas.lt_workspace != nullptr ? blas.lt_workspace_bytes : 0;
+    check_cublas(cublasLtMatmulPreferenceSetAttribute(
+                     raw_pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
+                     sizeof(workspace)),
+                 "cublasLtMatmulPreferenceSetAttribute(MAX_WORKSPACE_BYTES)");
+    // See NOTE: [Accumulation]: no-split-K algorithms always qualify; split-K only in fp32.
+    const uint32_t reduction = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+    check_cublas(cublasLtMatmulPreferenceSetAttribute(
+                     raw_pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &reduction,
+                     sizeof(reduction)),
+                 "cublasLtMatmulPreferenceSetAttribute(REDUCTION_SCHEME_MASK)");
+    const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    const uint32_t align_val[4] = {align_a, align_b, align_c, align_d};
+    for (int i = 0; i < 4; ++i) {
+      check_cublas(cublasLtMatmulPreferenceSetAttribute(raw_pref, align_attr[i], &align_val[i],
+                                                        sizeof(align_val[i])),
+                   "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)");
+    }
+
+    cublasLtMatmulHeuristicResult_t result{};
+    int returned = 0;
+    const cublasStatus_t status =
+        cublasLtMatmulAlgoGetHeuristic(blas.lt, desc, a_.get(), b_.get(), c_.get(), c_.get(),
+                                       raw_pref, 1, &result, &returned);
+    if (status == CUBLAS_STATUS_NOT_SUPPORTED) return;  // no algorithm: legacy fallback
+    check_cublas(status, "cublasLtMatmulAlgoGetHeuristic");
+    if (returned < 1 || result.state != CUBLAS_STATUS_SUCCESS) return;
+    algo_ = result.algo;
+    ok_ = true;
+  }
+
+  bool ok() const { return ok_; }
+
+  void run(const BlasContext& blas, const bf16* A, const bf16* B, const bf16* C, bf16* D,
+           float alpha, float beta, cudaStream_t stream) const {
+    check_cublas(cublasLtMatmul(blas.lt, desc_.get(), &alpha, A, a_.get(), B, b_.get(), &beta, C,
+                                c_.get(), D, c_.get(), &algo_, blas.lt_workspace,
+                                blas.lt_workspace != nullptr ? blas.lt_workspace_bytes : 0,
+                                stream),
+                 "cublasLtMatmul");
+  }
+
+ private:
+  LtMatmulDesc desc_;
+  LtLayout a_;
+  LtLayout b_;
+  LtLayout c_;
+  cublasLtMatmulAlgo_t algo_{};
+  bool ok_ = false;
+};
+
+int checked_int(int64_t v, const char* what) {
+  if (v < 0 || v > INT_MAX) {
+    throw std::invalid_argument(std::string("muon_ext newton_schulz: ") + what + " = " +
+                                std::to_string(v) + " does not fit the legacy cuBLAS API");
+  }
+  return static_cast<int>(v);
+}
+
+// Restores a cuBLAS handle's math and pointer modes on scope exit (the handle is PyTorch's).
+class LegacyModeGuard {
+ public:
+  explicit LegacyModeGuard(cublasHandle_t h) : handle_(h) {
+    check_cublas(cublasGetMathMode(h, &math_), "cublasGetMathMode");
+    check_cublas(cublasGetPointerMode(h, &pointer_), "cublasGetPointerMode");
+    check_cublas(cublasSetMathMode(h, static_cast<cublasMath_t>(
+                                          CUBLAS_DEFAULT_MATH |
+                                          CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION)),
+                 "cublasSetMathMode");
+    check_cublas(cublasSetPointerMode(h, CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+  }
+  ~LegacyModeGuard() {
+    cublasSetMathMode(handle_, math_);
+    cublasSetPointerMode(handle_, pointer_);
+  }
+  LegacyModeGuard(const LegacyModeGuard&) = delete;
+  LegacyModeGuard& operator=(const LegacyModeGuard&) = delete;
+
+ private:
+  cublasHandle_t handle_;
+  cublasMath_t math_ = CUBLAS_DEFAULT_MATH;
+  cublasPointerMode_t pointer_ = CUBLAS_POINTER_MODE_HOST;
+};
+
+// The fallback (see NOTE: [Why cuBLASLt]): legacy cuBLAS accumulates into its output, so D
+// starts as a copy of C. Our C/D buffers are contiguous batches (stride_c == ld_c * N).
+void legacy_gemm(const BlasContext& blas, const GemmShape& s, const bf16* A, const bf16* B,
+                 const bf16* C, bf16* D, float alpha, float beta, cudaStream_t stream) {
+  if (blas.legacy == nullptr) {
+    throw std::runtime_error(
+        "muon_ext newton_schulz: cuBLASLt has no algorithm for this GEMM and no cuBLAS handle "
+        "was given for the fallback");
+  }
+  if (C != D && beta != 0.f) {
+    const size_t bytes = static_cast<size_t>(s.batch) * static_cast<size_t>(s.stride_c) *
+                         sizeof(bf16);
+    check_cuda(cudaMemcpyAsync(D, C, bytes, cudaMemcpyDeviceToDevice, stream),
+               "cudaMemcpyAsync (legacy GEMM addend)");
+  }
+  cudaStream_t current = nullptr;
+  check_cublas(cublasGetStream(blas.legacy, &current), "cublasGetStream");
+  if (current != stream) check_cublas(cublasSetStream(blas.legacy, stream), "cublasSetStream");
+  LegacyModeGuard modes(blas.legacy);
+  check_cublas(
+      cublasGemmStridedBatchedEx(
+          blas.legacy, s.trans_a, s.trans_b, checked_int(s.M, "M"), checked_int(s.N, "N"),
+          checked_int(s.K, "K"), &alpha, A, CUDA_R_16BF, checked_int(s.ld_a, "lda"), s.stride_a,
+          B, CUDA_R_16BF, checked_int(s.ld_b, "ldb"), s.stride_b, &beta, D, CUDA_R_16BF,
+          checked_int(s.ld_c, "ldc"), s.stride_c, checked_int(s.batch, "batch"),
+          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+      "cublasGemmStridedBatchedEx");
+}
+
+}  // namespace
+
+int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coefficients,
+                          int64_t num_coefficients, const NsBuffers& buffers,
+                          const BlasContext& blas, cudaStream_t stream) {
+  if (batch < 1 || batch > INT32_MAX || m < 1 || n < m) {
+    throw std::invalid_argument("muon_ext newton_schulz: need 1 <= batch <= 2^31-1 and "
+                                "1 <= m <= n, got batch=" + std::to_string(batch) +
+                                " m=" + std::to_string(m) + " n=" + std::to_string(n));
+  }
+  if (coefficients == nullptr || num_coefficients < 3 || num_coefficients % 3 != 0) {
+    throw std::invalid_argument("muon_ext newton_schulz: coefficients must be (a, b, c) triples");
+  }
+  if (buffers.x[0] == nullptr || buffers.x[1] == nullptr || buffers.gram == nullptr ||
+      buffers.poly == nullptr) {
+    throw std::invalid_argument("muon_ext newton_schulz: null workspace buffer");
+  }
+  if (blas.lt == nullptr && blas.legacy == nullptr) {
+    throw std::invalid_argument("muon_ext newton_schulz: no cuBLASLt or cuBLAS handle");
+  }
+
+  // See NOTE: [Row-major matrices in column-major BLAS] for every number below.
+  const int64_t mn = m * n;
+  const int64_t mm = m * m;
+  const GemmShape gram_shape{CUBLAS_OP_T, CUBLAS_OP_N, /*M=*/m, /*N=*/m, /*K=*/n,
+                             /*ld_a=*/n,  /*ld_b=*/n,  /*ld_c=*/m,
+                             /*stride_a=*/mn, /*stride_b=*/mn, /*stride_c=*/mm, batch};
+  const GemmShape poly_shape{CUBLAS_OP_N, CUBLAS_OP_N, /*M=*/m, /*N=*/m, /*K=*/m,
+                             /*ld_a=*/m,  /*ld_b=*/m,  /*ld_c=*/m,
+                             /*stride_a=*/mm, /*stride_b=*/mm, /*stride_c=*/mm, batch};
+  const GemmShape update_shape{CUBLAS_OP_N, CUBLAS_OP_N, /*M=*/n, /*N=*/m, /*K=*/m,
+                               /*ld_a=*/n,  /*ld_b=*/m,  /*ld_c=*/n,
+                               /*stride_a=*/mn, /*stride_b=*/mm, /*stride_c=*/mn, batch};
+
+  std::unique_ptr<LtGemm> gram_gemm, poly_gemm, update_gemm;
+  if (!blas.force_legacy && blas.lt != nullptr) {
+    const uint32_t x_align = operand_alignment({buffers.x[0], buffers.x[1]}, n, mn);
+    const uint32_t gram_align = operand_alignment({buffers.gram}, m, mm);
+    const uint32_t poly_align = operand_alignment({buffers.poly}, m, mm);
+    gram_gemm = std::make_unique<LtGemm>(blas, gram_shape, x_align, x_align, gram_align,
+                                         gram_align);
+    poly_gemm = std::make_unique<LtGemm>(blas, poly_shape, gram_align, gram_align, gram_align,
+                                         poly_align);
+    update_gemm = std::make_unique<LtGemm>(blas, update_shape, x_align, poly_align, x_align,
+                                           x_align);
+  }
+  auto gemm = [&](const LtGemm* lt, const GemmShape& s, const bf16* A, const bf16* B,
+                  const bf16* C, bf16* D, float alpha, float beta) {
+    if (lt != nullptr && lt->ok()) {
+      lt->run(blas, A, B, C, D, alpha, beta, stream);
+    } else {
+      legacy_gemm(blas, s, A, B, C, D, alpha, beta, stream);
+    }
+  };
+
+  int cur = 0;
+  for (int64_t it = 0; it < num_coefficients / 3; ++it) {
+    const float a = static_cast<float>(coefficients[3 * it + 0]);
+    const float b = static_cast<float>(coefficients[3 * it + 1]);
+    const float c = static_cast<float>(coefficients[3 * it + 2]);
+    bf16* x = buffers.x[cur];
+    bf16* x_next = buffers.x[1 - cur];
+    // A = X Xᵀ
+    gemm(gram_gemm.get(), gram_shape, x, x, buffers.gram, buffers.gram, 1.f, 0.f);
+    // B = c A A + b A
+    gemm(poly_gemm.get(), poly_shape, buffers.gram, buffers.gram, buffers.gram, buffers.poly, c,
+         b);
+    // X' = B X + a X  (column-major: X_c B_c + a X_c)
+    gemm(update_gemm.get(), update_shape, x, buffers.poly, x, x_next, 1.f, a);
+    cur = 1 - cur;
+  }
+  return cur;
+}
+
+}  // namespace cuda
+}  // namespace muon_ext

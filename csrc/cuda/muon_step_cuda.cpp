@@ -1,0 +1,300 @@
+// CUDA implementations of muon_ext::muon_step_ and muon_ext::newton_schulz: the torch glue.
+//
+// This file checks arguments (csrc/muon_step_args.h), turns tensors into the raw pointer tables
+// of the torch-free kernels (csrc/cuda/kernels/muon_kernels.cuh), takes the current stream, the
+// cuBLAS/cuBLASLt handles and the cuBLASLt workspace from PyTorch, allocates the step workspace
+// from the caching allocator, and brackets each phase with an NVTX range.
+//
+// NOTE: [No host sync]
+// lr, grad_scale and found_inf on the device are read by the kernels; nothing here copies a
+// device value to the host, so a step can be captured in a CUDA graph. A CPU lr / grad_scale /
+// found_inf is read here (a CPU read, not a sync); a CPU found_inf != 0 returns before any work.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <nvtx3/nvToolsExt.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "cuda/kernels/muon_kernels.cuh"
+#include "muon_step_args.h"
+
+// torch >= 2.8 shares one cuBLAS(Lt) workspace per (handle, stream) and exposes it.
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+#define MUON_EXT_TORCH_LT_WORKSPACE 1
+#else
+#define MUON_EXT_TORCH_LT_WORKSPACE 0
+#endif
+
+namespace muon_ext {
+namespace {
+
+namespace mk = muon_ext::cuda;
+
+class NvtxRange {
+ public:
+  explicit NvtxRange(const char* name) { nvtxRangePushA(name); }
+  ~NvtxRange() { nvtxRangePop(); }
+  NvtxRange(const NvtxRange&) = delete;
+  NvtxRange& operator=(const NvtxRange&) = delete;
+};
+
+// Runs one call into the torch-free layer, turning its std exceptions into c10::Error (a
+// readable RuntimeError in Python, with the op name in front).
+template <typename F>
+void run_phase(const char* op, F&& f) {
+  try {
+    f();
+  } catch (const c10::Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, op, " (CUDA): ", e.what());
+  }
+}
+
+mk::ElementType element_type(at::ScalarType t) {
+  if (t == at::kBFloat16) return mk::ElementType::kBFloat16;
+  if (t == at::kHalf) return mk::ElementType::kFloat16;
+  TORCH_CHECK(t == at::kFloat, "muon_ext: unsupported dtype ", t,
+              " (float32, bfloat16 or float16 expected)");
+  return mk::ElementType::kFloat32;
+}
+
+// A 1-element tensor as the kernels take it: a device fp32 pointer (kept alive by `keep`), or
+// nullptr with the value read on the host when the tensor is on the CPU.
+const float* device_scalar(const at::Tensor& t, at::Tensor& keep, double& host_value) {
+  if (t.device().is_cpu()) {
+    host_value = t.item<double>();
+    return nullptr;
+  }
+  keep = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);  // device-side cast, no sync
+  return keep.data_ptr<float>();
+}
+
+// Which GEMM path phase 3 takes: MUON_EXT_NS_BACKEND=cublas forces legacy cuBLAS (tests use it
+// to exercise the fallback); unset or "cublaslt" is the normal cuBLASLt path.
+bool force_legacy_blas() {
+  const char* v = std::getenv("MUON_EXT_NS_BACKEND");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "cublaslt") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "cublas") == 0,
+              "MUON_EXT_NS_BACKEND must be 'cublaslt' (default) or 'cublas', got '", v, "'");
+  return true;
+}
+
+// The BLAS side of phase 3, all borrowed from PyTorch for the current device and stream.
+struct BlasResources {
+  mk::BlasContext ctx;
+  at::Tensor own_lt_workspace;  // only for torch < 2.8
+};
+
+BlasResources blas_resources([[maybe_unused]] const at::TensorOptions& options, bool force_legacy) {
+  BlasResources r;
+  r.ctx.lt = at::cuda::getCurrentCUDABlasLtHandle();
+  r.ctx.legacy = at::cuda::getCurrentCUDABlasHandle();  // also binds it to the current stream
+#if MUON_EXT_TORCH_LT_WORKSPACE
+  r.ctx.lt_workspace = at::cuda::getCUDABlasLtWorkspace();
+  r.ctx.lt_workspace_bytes = at::cuda::getCUDABlasLtWorkspaceSize();
+#else
+  // cuBLAS' recommendation: 32 MiB on Hopper and newer, 4 MiB before.
+  const int64_t bytes =
+      (at::cuda::getCurrentDeviceProperties()->major >= 9 ? 32 : 4) * 1024 * 1024;
+  r.own_lt_workspace = at::empty({bytes}, options.dtype(at::kByte));
+  r.ctx.lt_workspace = r.own_lt_workspace.data_ptr();
+  r.ctx.lt_workspace_bytes = static_cast<size_t>(bytes);
+#endif
+  r.ctx.force_legacy = force_legacy;
+  return r;
+}
+
+// Phases 2-4 given phase-1-ready tensors: normalize, orthogonalize each bucket, write back.
+void orthogonalize_and_write_back(const char* op, std::vector<mk::MatrixTensor>& tensors,
+                                  const std::vector<mk::ShapeBucket>& buckets,
+                                  const mk::StepWorkspacePlan& plan, void* workspace,
+                                  const float* partials, mk::ElementType type,
+                                  mk::DirectionSource source, mk::WriteBack mode,
+                                  const mk::StepScalars& scalars,
+                                  const std::vector<double>& coefficients, bool force_legacy,
+                                  const at::TensorOptions& options, cudaStream_t stream) {
+  run_phase(op, [&] { mk::bind_ns_buffers(tensors, buckets, plan, workspace, 0); });
+  {
+    NvtxRange range("muon_ext::normalize");
+    run_phase(op, [&] { mk::launch_normalize(tensors, type, source, scalars, partials, stream); });
+  }
+  int result = 0;
+  {
+    NvtxRange range("muon_ext::newton_schulz");
+    const BlasResources blas = blas_resources(options, force_legacy);
+    for (size_t k = 0; k < buckets.size(); ++k) {
+      const mk::ShapeBucket& b = buckets[k];
+      run_phase(op, [&] {
+        result = mk::newton_schulz_batched(
+            b.num_matrices, b.m, b.n, coefficients.data(),
+            static_cast<int64_t>(coefficients.size()),
+            mk::bucket_ns_buffers(plan, k, workspace), blas.ctx, stream);
+      });
+    }
+  }
+  // Every bucket ran the same number of iterations, so its result is in the same X buffer.
+  run_phase(op, [&] { mk::bind_ns_buffers(tensors, buckets, plan, workspace, result); });
+  {
+    NvtxRange range("muon_ext::update");
+    run_phase(op, [&] { mk::launch_write_back(tensors, type, mode, scalars, stream); });
+  }
+}
+
+void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                    const at::Tensor& lr, double momentum, bool nesterov, double weight_decay,
+                    double eps, at::ArrayRef<double> ns_coefficients,
+                    at::ArrayRef<double> update_scales,
+                    const c10::optional<at::Tensor>& grad_scale,
+                    const c10::optional<at::Tensor>& found_inf) {
+  MuonStepArgs args{momentum,
+                    nesterov,
+                    weight_decay,
+                    eps,
+                    std::vector<double>(ns_coefficients.begin(), ns_coefficients.end()),
+                    std::vector<double>(update_scales.begin(), update_scales.end())};
+  check_muon_step_args(params, grads, momentum_buffers, lr, args, grad_scale, found_inf,
+                       c10::DeviceType::CUDA);
+  const bool force_legacy = force_legacy_blas();  // a bad value is rejected before any work
+  if (params.empty()) return;
+
+  const std::vector<Bucket> buckets = make_buckets(params);
+  if (buckets.empty()) return;  // only empty tensors
+
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+  const at::TensorOptions options = params[0].options();
+
+  mk::StepScalars scalars;
+  scalars.momentum = momentum;
+  scalars.weight_decay = weight_decay;
+  scalars.eps = eps;
+  scalars.nesterov = nesterov;
+  at::Tensor lr_keep, grad_scale_keep, found_inf_keep;
+  if (found_inf.has_value()) {
+    double flag = 0.0;
+    scalars.found_inf = device_scalar(*found_inf, found_inf_keep, flag);
+    if (scalars.found_inf == nullptr && flag != 0.0) return;  // CPU flag set: skip the step
+  }
+  scalars.lr = device_scalar(lr, lr_keep, scalars.lr_value);
+  if (grad_scale.has_value()) {
+    scalars.grad_scale = device_scalar(*grad_scale, grad_scale_keep, scalars.grad_scale_value);
+  }
+
+  // Non-empty tensors, in list order; buckets re-indexed into that list.
+  std::vector<mk::MatrixTensor> tensors;
+  std::vector<int64_t> compact(params.size(), -1);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    if (p.numel() == 0) continue;
+    compact[i] = static_cast<int64_t>(tensors.size());
+    mk::MatrixTensor t;
+    t.src = grads[i].data_ptr();
+    t.momentum = momentum_buffers[i].data_ptr<float>();
+    t.dst = p.data_ptr();
+    t.batch = p.size(0);
+    t.rows = p.size(1);
+    t.cols = p.size(2);
+    t.update_scale = static_cast<float>(update_scales[i]);
+    tensors.push_back(t);
+  }
+  std::vector<mk::ShapeBucket> shape_buckets;
+  shape_buckets.reserve(buckets.size());
+  for (const Bucket& b : buckets) {
+    mk::ShapeBucket sb;
+    sb.m = b.m;
+    sb.n = b.n;
+    sb.num_matrices = b.num_matrices;
+    for (int64_t i : b.tensors) sb.tensors.push_back(compact[static_cast<size_t>(i)]);
+    shape_buckets.push_back(std::move(sb));
+  }
+
+  mk::StepWorkspacePlan plan;
+  run_phase("muon_step_", [&] { plan = mk::plan_step_workspace(tensors, shape_buckets); });
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(plan.total_bytes)}, options.dtype(at::kByte));
+  void* ws = workspace.data_ptr();
+  float* partials = reinterpret_cast<float*>(static_cast<char*>(ws) + plan.partials_offset);
+  const mk::ElementType type = element_type(params[0].scalar_type());
+
+  {
+    NvtxRange range("muon_ext::momentum");
+    run_phase("muon_step_", [&] {
+      mk::launch_norm_partials(tensors, type, mk::DirectionSource::kMomentum, scalars, partials,
+                               stream);
+    });
+  }
+  orthogonalize_and_write_back("muon_step_", tensors, shape_buckets, plan, ws, partials, type,
+                               mk::DirectionSource::kMomentum, mk::WriteBack::kApplyUpdate,
+                               scalars, args.ns_coefficients, force_legacy, options, stream);
+}
+
+at::Tensor newton_schulz_cuda(const at::Tensor& x, at::ArrayRef<double> ns_coefficients,
+                              double eps) {
+  const std::vector<double> coefficients(ns_coefficients.begin(), ns_coefficients.end());
+  check_ns_coefficients(coefficients, eps);
+  const bool force_legacy = force_legacy_blas();
+  TORCH_CHECK(x.is_cuda(), "newton_schulz: x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 3, "newton_schulz: x must be a 3-D (batch, rows, cols) tensor, got shape ",
+              x.sizes());
+  const at::ScalarType dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+              "newton_schulz: x must be float32, bfloat16 or float16, got ", dtype);
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor input = x.contiguous();
+  at::Tensor out = at::empty_like(input, at::MemoryFormat::Contiguous);
+  if (input.numel() == 0) return out;
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream().stream();
+
+  mk::MatrixTensor t;
+  t.src = input.data_ptr();
+  t.dst = out.data_ptr();
+  t.batch = input.size(0);
+  t.rows = input.size(1);
+  t.cols = input.size(2);
+  std::vector<mk::MatrixTensor> tensors{t};
+  mk::ShapeBucket bucket;
+  bucket.m = std::min(t.rows, t.cols);
+  bucket.n = std::max(t.rows, t.cols);
+  bucket.tensors = {0};
+  bucket.num_matrices = t.batch;
+  const std::vector<mk::ShapeBucket> buckets{bucket};
+
+  mk::StepScalars scalars;
+  scalars.eps = eps;
+  mk::StepWorkspacePlan plan;
+  run_phase("newton_schulz", [&] { plan = mk::plan_step_workspace(tensors, buckets); });
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(plan.total_bytes)}, input.options().dtype(at::kByte));
+  void* ws = workspace.data_ptr();
+  float* partials = reinterpret_cast<float*>(static_cast<char*>(ws) + plan.partials_offset);
+  const mk::ElementType type = element_type(dtype);
+  {
+    NvtxRange range("muon_ext::normalize");  // the norm is part of normalizing here
+    run_phase("newton_schulz", [&] {
+      mk::launch_norm_partials(tensors, type, mk::DirectionSource::kInput, scalars, partials,
+                               stream);
+    });
+  }
+  orthogonalize_and_write_back("newton_schulz", tensors, buckets, plan, ws, partials, type,
+                               mk::DirectionSource::kInput, mk::WriteBack::kCopy, scalars,
+                               coefficients, force_legacy, input.options(), stream);
+  return out;
+}
+
+}  // namespace
+}  // namespace muon_ext
+
+TORCH_LIBRARY_IMPL(muon_ext, CUDA, m) {
+  m.impl("muon_step_", TORCH_FN(muon_ext::muon_step_cuda));
+  m.impl("newton_schulz", TORCH_FN(muon_ext::newton_schulz_cuda));
+}
