@@ -14,17 +14,35 @@ Triple = tuple[float, float, float]
 
 JORDAN: Triple = (3.4445, -4.7750, 2.0315)
 
+# NOTE: [Polar Express safety factor]
+# The published Polar Express polynomials are tuned for singular values in (0, 1]. Just above 1
+# they explode: sigma = 1.001 ends at 5e20 after five iterations. The Frobenius normalization
+# puts the top singular value at exactly 1 for every rank-1 matrix (1xN, Nx1), and bf16
+# rounding nudges it past 1, so unguarded, about half of random bf16 inputs diverge. As in the
+# authors' reference code, each polynomial but the last evaluates p(sigma / 1.01)
+# (a/s, b/s^3, c/s^5): inputs up to sigma = 1.01 stay bounded, and sigma in [1e-3, 1] lands in
+# [0.852, 1.124] instead of [0.876, 1.124].
+_POLAR_EXPRESS_PUBLISHED: tuple[Triple, ...] = (
+    (8.28721, -23.5959, 17.3004),
+    (4.10706, -2.94785, 0.54484),
+    (3.94869, -2.90890, 0.55182),
+    (3.31842, -2.48849, 0.51005),
+    (2.30065, -1.66890, 0.41881),
+)
+POLAR_EXPRESS_SAFETY = 1.01
+
+
+def _with_safety_factor(schedule: tuple[Triple, ...], s: float = POLAR_EXPRESS_SAFETY):
+    head = tuple((a / s, b / s**3, c / s**5) for a, b, c in schedule[:-1])
+    return head + (schedule[-1],)
+
+
 PRESETS: dict[str, tuple[Triple, ...]] = {
     # Keller Jordan's quintic, the torch.optim.Muon default, repeated ns_steps times.
     "jordan": (JORDAN,),
-    # Amsel et al. 2025 (arXiv 2505.16932), 5 iterations, each optimal for its step.
-    "polar_express": (
-        (8.28721, -23.5959, 17.3004),
-        (4.10706, -2.94785, 0.54484),
-        (3.94869, -2.90890, 0.55182),
-        (3.31842, -2.48849, 0.51005),
-        (2.30065, -1.66890, 0.41881),
-    ),
+    # Amsel et al. 2025 (arXiv 2505.16932), 5 iterations, each optimal for its step, with the
+    # paper's safety factor on all but the last (see NOTE: [Polar Express safety factor]).
+    "polar_express": _with_safety_factor(_POLAR_EXPRESS_PUBLISHED),
     # 8 x jordan to grow small singular values fast, then 2 x a convergent polish.
     "deepseek_v4": (JORDAN,) * 8 + ((2.0, -1.5, 0.5),) * 2,
 }
