@@ -1,0 +1,862 @@
+"""QK-Clip (MuonClip): recording per-head max logits, clipping W_q / W_k, layouts, integration."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from muon_ext import Muon, MuonWithAdamW, muon_param_groups
+from muon_ext import qk_clip as qk_clip_module
+from muon_ext.qk_clip import MuonClip, QKClip
+
+NEG_INF = float("-inf")
+# Relative slack on "post-clip max <= tau": fp32 weights, fp32 factors, float64 logits.
+BOUND_RTOL = 1e-5
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _linear(d_in: int, d_out: int, bias: bool, dtype=torch.float32) -> nn.Linear:
+    return nn.Linear(d_in, d_out, bias=bias, dtype=dtype)
+
+
+def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    return t.detach().unflatten(0, (heads, -1))
+
+
+@torch.no_grad()
+def _oracle_logits(x, q_proj, k_proj, heads, kv_heads):
+    """float64 ``q @ k^T / sqrt(D)`` per query head, (B, H, L, L)."""
+    batch, length, _ = x.shape
+    x = x.double()
+    q = F.linear(x, q_proj.weight.double(), None if q_proj.bias is None else q_proj.bias.double())
+    k = F.linear(x, k_proj.weight.double(), None if k_proj.bias is None else k_proj.bias.double())
+    dim = q.shape[-1] // heads
+    q = q.view(batch, length, heads, dim).transpose(1, 2)
+    k = k.view(batch, length, kv_heads, dim).transpose(1, 2).repeat_interleave(heads // kv_heads, 1)
+    return q @ k.transpose(-1, -2) / math.sqrt(dim)
+
+
+def _causal_max(logits: torch.Tensor) -> torch.Tensor:
+    length = logits.shape[-1]
+    allowed = torch.ones(length, length, dtype=torch.bool).tril()
+    return logits.masked_fill(~allowed, NEG_INF).amax(dim=(0, 2, 3))
+
+
+def _gqa_attention(x, q_proj, k_proj, v_proj, layer, heads, kv_heads):
+    batch, length, _ = x.shape
+    dim = q_proj.out_features // heads
+    q = q_proj(x).view(batch, length, heads, dim).transpose(1, 2)
+    k = k_proj(x).view(batch, length, kv_heads, dim).transpose(1, 2)
+    v = v_proj(x).view(batch, length, kv_heads, dim).transpose(1, 2)
+    return layer.attention(q, k, v, is_causal=True, enable_gqa=kv_heads != heads)
+
+
+def _tau_between(maxima: torch.Tensor) -> float:
+    """A tau in the widest gap of the middle half of the sorted maxima: heads on both sides."""
+    s = maxima.double().sort().values
+    n = len(s)
+    lo, hi = max(0, n // 4 - 1), min(n - 1, (3 * n) // 4)
+    gaps = s[lo + 1 : hi + 1] - s[lo:hi]
+    i = lo + int(gaps.argmax())
+    return float((s[i] + s[i + 1]) / 2)
+
+
+# ---------------------------------------------------------------------- MHA / GQA / MQA clipping
+
+LAYOUTS = {"mha": (4, 4), "gqa_g2": (8, 4), "gqa_g4": (8, 2), "mqa": (6, 1)}
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("layout", list(LAYOUTS), ids=list(LAYOUTS))
+def test_clip_bounds_logits_on_same_batch_and_leaves_other_heads(seed, layout, bias):
+    heads, kv_heads = LAYOUTS[layout]
+    group, dim, d_model = heads // kv_heads, 4, 16
+    q_proj, k_proj, v_proj = (
+        _linear(d_model, heads * dim, bias),
+        _linear(d_model, kv_heads * dim, bias),
+        _linear(d_model, kv_heads * dim, bias),
+    )
+    with (
+        torch.no_grad()
+    ):  # spread the heads; group 0's query heads all large (a fully clipped group)
+        scale = torch.empty(heads).uniform_(0.5, 3.0)
+        scale[:group] *= 8.0
+        q_proj.weight.mul_(scale.repeat_interleave(dim)[:, None])
+        k_proj.weight.mul_(2.0)
+    clip = QKClip(tau=1.0)
+    layer = clip.add(q_proj, k_proj, num_heads=heads, num_kv_heads=kv_heads)
+    x = torch.randn(3, 9, d_model)
+    _gqa_attention(x, q_proj, k_proj, v_proj, layer, heads, kv_heads).sum().backward()
+
+    before = _oracle_logits(x, q_proj, k_proj, heads, kv_heads)
+    s = _causal_max(before)
+    torch.testing.assert_close(layer.max_logit.double(), s, rtol=1e-5, atol=1e-5)
+    clip.tau = tau = _tau_between(s)
+    over = s > tau
+    assert over.any() and (~over).any()
+    saved = {
+        n: t.detach().clone()
+        for n, t in [("q", q_proj.weight), ("k", k_proj.weight), ("v", v_proj.weight)]
+    }
+    saved_bias = [
+        p.detach().clone() for p in (q_proj.bias, k_proj.bias, v_proj.bias) if p is not None
+    ]
+
+    clip.apply()
+
+    after = _oracle_logits(x, q_proj, k_proj, heads, kv_heads)
+    s_after = _causal_max(after)
+    assert (s_after <= tau * (1 + BOUND_RTOL)).all(), (s_after, tau)
+    assert (s_after[over] >= tau * (1 - BOUND_RTOL)).all(), "clipped harder than tau / S"
+    # Every head's logits scale by exactly its own gamma (1 for heads at or below tau).
+    gamma = torch.where(over, tau / s, torch.ones_like(s))
+    expect = before * gamma.view(1, heads, 1, 1)
+    assert (after - expect).abs().max() <= 1e-5 * before.abs().max()
+    torch.testing.assert_close(layer.last_gamma.double(), gamma, rtol=1e-6, atol=0)
+    # Unclipped query heads, key heads of groups with an unclipped head, and V: bit-identical.
+    q_rows, q_rows0 = _heads(q_proj.weight, heads), _heads(saved["q"], heads)
+    k_rows, k_rows0 = _heads(k_proj.weight, kv_heads), _heads(saved["k"], kv_heads)
+    assert torch.equal(q_rows[~over], q_rows0[~over])
+    assert not torch.equal(q_rows[over], q_rows0[over])
+    group_has_unclipped = (~over).view(kv_heads, group).any(dim=1)
+    assert torch.equal(k_rows[group_has_unclipped], k_rows0[group_has_unclipped])
+    assert torch.equal(v_proj.weight, saved["v"])
+    if bias:
+        assert torch.equal(v_proj.bias, saved_bias[2])
+        assert torch.equal(_heads(q_proj.bias, heads)[~over], _heads(saved_bias[0], heads)[~over])
+    # No weight grows; MHA is Kimi's even split.
+    assert (q_rows.norm(dim=(1, 2)) <= q_rows0.norm(dim=(1, 2)) * (1 + 1e-6)).all()
+    assert (k_rows.norm(dim=(1, 2)) <= k_rows0.norm(dim=(1, 2)) * (1 + 1e-6)).all()
+    if group == 1:
+        root = layer.last_gamma.sqrt().view(heads, 1, 1)
+        assert torch.equal(q_rows, q_rows0 * root) and torch.equal(k_rows, k_rows0 * root)
+    # Maxima reset for the next step.
+    assert torch.equal(layer.max_logit, torch.full((heads,), NEG_INF))
+    torch.testing.assert_close(layer.last_max_logit.double(), s, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_fully_clipped_group_shares_the_shrink_with_the_key(seed):
+    heads, kv_heads, dim = 4, 2, 3
+    q = torch.randn(heads * dim, 5)
+    k = torch.randn(kv_heads * dim, 5)
+    q0, k0 = q.clone(), k.clone()
+    clip = QKClip(tau=10.0)
+    layer = clip.add(q, k, num_heads=heads, num_kv_heads=kv_heads)
+    # Group 0: both heads over tau (gammas 1/4 and 1/16); group 1: one head over, one under.
+    layer.record_logits(torch.tensor([40.0, 160.0, 20.0, 3.0]).view(1, heads, 1, 1))
+    clip.apply()
+    kappa = math.sqrt(1 / 4)  # sqrt of the group's largest gamma
+    torch.testing.assert_close(_heads(k, 2)[0], _heads(k0, 2)[0] * kappa)
+    torch.testing.assert_close(_heads(q, 4)[0], _heads(q0, 4)[0] * (1 / 4) / kappa)
+    torch.testing.assert_close(_heads(q, 4)[1], _heads(q0, 4)[1] * (1 / 16) / kappa)
+    assert torch.equal(_heads(k, 2)[1], _heads(k0, 2)[1])
+    torch.testing.assert_close(_heads(q, 4)[2], _heads(q0, 4)[2] * 0.5)
+    assert torch.equal(_heads(q, 4)[3], _heads(q0, 4)[3])
+
+
+def test_fused_qkv_row_slices(seed):
+    heads, dim, d_model = 3, 4, 10
+    e = heads * dim
+    qkv = _linear(d_model, 3 * e, bias=True)
+    w0, b0 = qkv.weight.detach().clone(), qkv.bias.detach().clone()
+    clip = QKClip(tau=1.0)
+    layer = clip.add(
+        qkv.weight[:e],
+        qkv.weight[e : 2 * e],
+        q_bias=qkv.bias[:e],
+        k_bias=qkv.bias[e : 2 * e],
+        num_heads=heads,
+    )
+    layer.record_logits(torch.tensor([5.0, 0.5, 4.0]).view(1, heads, 1, 1))
+    clip.apply()
+    g = torch.tensor([1 / 5, 1.0, 1 / 4]).sqrt()
+    torch.testing.assert_close(
+        _heads(qkv.weight[:e], heads), _heads(w0[:e], heads) * g.view(3, 1, 1)
+    )
+    torch.testing.assert_close(
+        _heads(qkv.weight[e : 2 * e], heads), _heads(w0[e : 2 * e], heads) * g.view(3, 1, 1)
+    )
+    torch.testing.assert_close(_heads(qkv.bias[:e], heads), _heads(b0[:e], heads) * g.view(3, 1))
+    assert torch.equal(qkv.weight[2 * e :], w0[2 * e :]) and torch.equal(
+        qkv.bias[2 * e :], b0[2 * e :]
+    )
+    assert torch.equal(_heads(qkv.weight[:e], heads)[1], _heads(w0[:e], heads)[1])
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0.0, -3.0, NEG_INF, float("nan"), float("inf"), 1.0],
+    ids=["zero", "neg", "neg_inf", "nan", "pos_inf", "at_tau"],
+)
+def test_max_at_or_below_tau_or_non_finite_changes_nothing(seed, value):
+    q, k = torch.randn(8, 6), torch.randn(4, 6)
+    q0, k0 = q.clone(), k.clone()
+    clip = QKClip(tau=1.0)
+    layer = clip.add(q, k, num_heads=4, num_kv_heads=2)
+    layer.record_logits(torch.full((2, 4, 3, 3), value))
+    clip.apply()
+    assert torch.equal(q, q0) and torch.equal(k, k0)
+    assert not layer.last_gamma.isnan().any()
+    assert torch.equal(layer.last_gamma, torch.ones(4))
+
+
+def test_never_recorded_layer_is_untouched_and_apply_without_layers_is_a_noop(seed):
+    QKClip().apply()
+    q, k = torch.randn(8, 6), torch.randn(8, 6)
+    q0 = q.clone()
+    clip = QKClip(tau=1e-3)
+    layer = clip.add(q, k, num_heads=2)
+    clip.apply()
+    assert torch.equal(q, q0) and layer.max_logit is None
+    assert torch.equal(layer.last_max_logit, torch.full((2,), NEG_INF))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_low_and_high_precision_weights(seed, dtype):
+    heads, dim = 4, 8
+    q, k = torch.randn(heads * dim, 16).to(dtype), torch.randn(heads * dim, 16).to(dtype)
+    q0, k0 = q.clone(), k.clone()
+    clip = QKClip(tau=2.0)
+    layer = clip.add(q, k, num_heads=heads)
+    layer.record_logits(torch.tensor([8.0, 1.0, 2.0, 3.0]).view(1, heads, 1, 1))
+    clip.apply()
+    untouched = torch.tensor([False, True, True, False])
+    assert torch.equal(_heads(q, heads)[untouched], _heads(q0, heads)[untouched])
+    assert torch.equal(_heads(k, heads)[untouched], _heads(k0, heads)[untouched])
+    g = torch.tensor([2 / 8, 1.0, 1.0, 2 / 3]).sqrt().double().view(heads, 1, 1)
+    expect = _heads(q0, heads).double() * g
+    tol = torch.finfo(dtype).eps
+    assert ((_heads(q, heads).double() - expect).abs() <= tol * expect.abs() + 1e-30).all()
+
+
+def test_untouched_rows_survive_flush_to_zero(seed):
+    """Rows of unclipped heads are selected, not multiplied by 1.0: subnormals survive FTZ."""
+    q, k = torch.randn(4, 3), torch.randn(4, 3)
+    q[2:] = torch.tensor(1e-40)  # subnormal in float32: head 1's rows
+    q0 = q.clone()
+    clip = QKClip(tau=1.0)
+    layer = clip.add(q, k, num_heads=2)
+    layer.record_logits(torch.tensor([4.0, 0.5]).view(1, 2, 1, 1))
+    if not torch.set_flush_denormal(True):
+        pytest.skip("flush-to-zero mode is not available on this CPU")
+    try:
+        clip.apply()
+    finally:
+        torch.set_flush_denormal(False)
+    assert torch.equal(q[2:], q0[2:])
+    torch.testing.assert_close(q[:2], q0[:2] * 0.5)
+
+
+# ---------------------------------------------------------------------- recording
+
+
+MASKS = ["none", "causal", "bool", "float", "bool_per_batch", "float_row_broadcast"]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["whole", "chunked"])
+@pytest.mark.parametrize("mask_kind", MASKS)
+def test_recorded_max_matches_oracle_over_allowed_positions(seed, monkeypatch, mask_kind, chunked):
+    if chunked:
+        monkeypatch.setattr(qk_clip_module, "_CHUNK_ELEMENTS", 40)  # a few query rows per chunk
+    batch, heads, kv_heads, q_len, k_len, dim = 2, 6, 2, 11, 13, 5
+    q = torch.randn(batch, heads, q_len, dim)
+    k = torch.randn(batch, kv_heads, k_len, dim)
+    # Keys 11 and 12 are hot and every mask kind below excludes them (causal: q_len = 11 rows,
+    # so neither is ever allowed): recording them would show.
+    k[:, :, 11:] *= 30.0
+    logits = (q.double() @ k.double().repeat_interleave(3, 1).transpose(-1, -2)) * 0.3
+    allowed = torch.ones(batch, heads, q_len, k_len, dtype=torch.bool)
+    mask = None
+    if mask_kind == "causal":
+        allowed = allowed & torch.ones(q_len, k_len, dtype=torch.bool).tril()
+    elif mask_kind in ("bool", "float"):
+        allowed = allowed & (torch.rand(q_len, k_len) < 0.5)
+        allowed[..., 0], allowed[..., 11:] = True, False
+        mask = allowed[0, 0]
+    elif mask_kind == "bool_per_batch":
+        allowed = allowed & (torch.rand(batch, 1, q_len, k_len) < 0.5)
+        allowed[..., 11:] = False
+        mask = allowed[:, :1]
+    elif mask_kind == "float_row_broadcast":
+        allowed = allowed & (torch.rand(batch, 1, 1, k_len) < 0.5)
+        allowed[..., 0], allowed[..., 11:] = True, False
+        mask = allowed[:, :1, :1]
+    if mask is not None and "float" in mask_kind:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, NEG_INF) + torch.randn(mask.shape)
+    expect = logits.masked_fill(~allowed, NEG_INF).amax(dim=(0, 2, 3))
+    if mask_kind != "none":  # the mask must matter, or this test could not fail
+        assert not torch.equal(expect, logits.amax(dim=(0, 2, 3)))
+    clip = QKClip()
+    layer = clip.add(
+        torch.randn(heads * dim, 4),
+        torch.randn(kv_heads * dim, 4),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+    )
+    layer.record(q, k, attn_mask=mask, is_causal=mask_kind == "causal", scale=0.3)
+    torch.testing.assert_close(layer.max_logit.double(), expect, rtol=1e-5, atol=1e-5)
+    # Keys already repeated to every query head give the same maxima.
+    clip.reset()
+    layer.record(
+        q, k.repeat_interleave(3, 1), attn_mask=mask, is_causal=mask_kind == "causal", scale=0.3
+    )
+    torch.testing.assert_close(layer.max_logit.double(), expect, rtol=1e-5, atol=1e-5)
+
+
+def test_max_over_micro_batches_detached_and_not_in_no_grad(seed):
+    heads, dim = 3, 4
+    clip = QKClip()
+    layer = clip.add(torch.randn(heads * dim, 2), torch.randn(heads * dim, 2), num_heads=heads)
+    q1, k1 = torch.randn(2, heads, 5, dim, requires_grad=True), torch.randn(2, heads, 5, dim)
+    q2, k2 = torch.randn(1, heads, 7, dim) * 3, torch.randn(1, heads, 7, dim)
+    v1, v2 = torch.randn(2, heads, 5, dim), torch.randn(1, heads, 7, dim)
+    out = layer.attention(q1, k1, v1)
+    layer.attention(q2, k2, v2)
+    with torch.no_grad():
+        layer.attention(q2 * 100, k2, v2)  # evaluation: not recorded
+    assert not layer.max_logit.requires_grad and layer.max_logit.grad_fn is None
+    out.sum().backward()  # the graph does not see the recording
+    assert q1.grad is not None
+
+    def oracle(q, k):
+        return (q.detach().double() @ k.double().transpose(-1, -2) / 2).amax(dim=(0, 2, 3))
+
+    expect = torch.maximum(oracle(q1, k1), oracle(q2, k2))
+    torch.testing.assert_close(layer.max_logit.double(), expect, rtol=1e-5, atol=1e-5)
+    clip.record_in_no_grad = True
+    with torch.no_grad():
+        layer.attention(q2 * 100, k2, v2)
+    torch.testing.assert_close(layer.max_logit.double(), oracle(q2 * 100, k2), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("gqa", [False, True], ids=["mha", "gqa"])
+def test_attention_is_sdpa(seed, gqa):
+    heads, kv_heads = (8, 2) if gqa else (4, 4)
+    clip = QKClip()
+    layer = clip.add(
+        torch.randn(heads * 4, 2),
+        torch.randn(kv_heads * 4, 2),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+    )
+    q = torch.randn(2, heads, 6, 4, requires_grad=True)
+    k, v = torch.randn(2, kv_heads, 6, 4), torch.randn(2, kv_heads, 6, 4)
+    mask = torch.rand(6, 6) < 0.7
+    mask[:, 0] = True
+    kwargs = {"attn_mask": mask, "scale": 0.7, "enable_gqa": gqa}
+    out = layer.attention(q, k, v, **kwargs)
+    ref = F.scaled_dot_product_attention(q, k, v, **kwargs)
+    assert torch.equal(out, ref)
+    (g,) = torch.autograd.grad(out.sum(), q)
+    (g_ref,) = torch.autograd.grad(ref.sum(), q)
+    assert torch.equal(g, g_ref)
+
+
+def test_record_rejects_mismatched_shapes():
+    clip = QKClip()
+    layer = clip.add(torch.randn(8, 2), torch.randn(4, 2), num_heads=4, num_kv_heads=2)
+    with pytest.raises(ValueError, match="heads"):
+        layer.record(torch.randn(1, 3, 5, 2), torch.randn(1, 3, 5, 2))
+    with pytest.raises(ValueError, match="key"):
+        layer.record(torch.randn(1, 4, 5, 2), torch.randn(1, 3, 5, 2))
+    with pytest.raises(ValueError, match="heads"):
+        layer.record_logits(torch.randn(1, 3, 5, 5))
+
+
+def test_registration_validation():
+    with pytest.raises(ValueError, match="tau"):
+        QKClip(tau=0.0)
+    with pytest.raises(ValueError, match="tau"):
+        QKClip(tau=float("nan"))
+    clip = QKClip()
+    with pytest.raises(ValueError, match="multiple"):
+        clip.add(torch.randn(12, 2), torch.randn(8, 2), num_heads=3, num_kv_heads=2)
+    with pytest.raises(ValueError, match="head dim"):
+        clip.add(torch.randn(12, 2), torch.randn(6, 2), num_heads=4, num_kv_heads=1)
+    with pytest.raises(ValueError, match="split"):
+        clip.add(torch.randn(10, 2), torch.randn(10, 2), num_heads=4)
+    with pytest.raises(ValueError, match="bias"):
+        clip.add_mla(
+            nn.Linear(4, 12),
+            nn.Linear(4, 8, bias=False),
+            num_heads=2,
+            qk_nope_head_dim=4,
+            qk_rope_head_dim=2,
+        )
+    with pytest.raises(ValueError, match="rows per head"):
+        clip.add_mla(
+            torch.randn(12, 4),
+            torch.randn(10, 4),
+            num_heads=2,
+            qk_nope_head_dim=4,
+            qk_rope_head_dim=2,
+            v_head_dim=3,
+        )
+    with pytest.raises(ValueError, match="add_bias_kv"):
+        clip.add_multihead_attention(nn.MultiheadAttention(8, 2, add_bias_kv=True))
+    assert clip.layers == []
+
+
+# ---------------------------------------------------------------------- MLA
+
+
+def _rope(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    freq = 1.0 / (10000 ** (torch.arange(half, dtype=x.dtype) / half))
+    angle = positions[:, None].to(x.dtype) * freq
+    cos, sin = angle.cos(), angle.sin()
+    a, b = x[..., :half], x[..., half:]
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+
+class _MLA(nn.Module):
+    """DeepSeek-V3-style attention: per-head [nope | rope] queries, kv up-projection [k_nope | v],
+    one rotary key shared by all heads from the down-projection."""
+
+    def __init__(self, d_model=20, heads=4, d_nope=6, d_rope=4, d_v=5, kv_rank=8):
+        super().__init__()
+        self.heads, self.d_nope, self.d_rope, self.d_v = heads, d_nope, d_rope, d_v
+        self.wq = nn.Linear(d_model, heads * (d_nope + d_rope), bias=False)
+        self.wkv_a = nn.Linear(d_model, kv_rank + d_rope, bias=False)
+        self.wkv_b = nn.Linear(kv_rank, heads * (d_nope + d_v), bias=False)
+        self.kv_rank = kv_rank
+        self.scale = 1.0 / math.sqrt(d_nope + d_rope)
+
+    def qk(self, x):
+        b, length, _ = x.shape
+        pos = torch.arange(length)
+        q = self.wq(x).view(b, length, self.heads, self.d_nope + self.d_rope)
+        q = torch.cat([q[..., : self.d_nope], _rope(q[..., self.d_nope :], pos[:, None])], -1)
+        kv_a = self.wkv_a(x)
+        c_kv, k_rope = kv_a[..., : self.kv_rank], _rope(kv_a[..., self.kv_rank :], pos)
+        kv = self.wkv_b(c_kv).view(b, length, self.heads, self.d_nope + self.d_v)
+        k_rope = k_rope[:, :, None, :].expand(b, length, self.heads, self.d_rope)
+        k = torch.cat([kv[..., : self.d_nope], k_rope], -1)
+        return q.transpose(1, 2), k.transpose(1, 2), kv[..., self.d_nope :].transpose(1, 2)
+
+
+def test_mla_layout(seed):
+    torch.set_default_dtype(torch.float64)  # the oracle logits come from the module itself
+    try:
+        mla = _MLA()
+        with torch.no_grad():
+            spread = torch.empty(mla.heads).uniform_(0.3, 4.0)
+            mla.wq.weight.view(mla.heads, -1, 20).mul_(spread[:, None, None])
+        clip = QKClip(tau=1.0)
+        layer = clip.add_mla(
+            mla.wq,
+            mla.wkv_b,
+            num_heads=mla.heads,
+            qk_nope_head_dim=mla.d_nope,
+            qk_rope_head_dim=mla.d_rope,
+            v_head_dim=mla.d_v,
+        )
+        x = torch.randn(2, 7, 20)
+        q, k, v = mla.qk(x)
+        layer.attention(q, k, v, is_causal=True, scale=mla.scale).sum().backward()
+        before = (q @ k.transpose(-1, -2) * mla.scale).detach()
+        s = _causal_max(before)
+        torch.testing.assert_close(layer.max_logit.double(), s, rtol=1e-5, atol=1e-5)
+        clip.tau = tau = _tau_between(s)
+        over = s > tau
+        wq0, a0, b0 = (
+            w.detach().clone() for w in (mla.wq.weight, mla.wkv_a.weight, mla.wkv_b.weight)
+        )
+        clip.apply()
+        with torch.no_grad():
+            q, k, _ = mla.qk(x)
+        after = q @ k.transpose(-1, -2) * mla.scale
+        s_after = _causal_max(after)
+        assert (s_after <= tau * (1 + BOUND_RTOL)).all()
+        assert (s_after[over] >= tau * (1 - BOUND_RTOL)).all()
+        gamma = torch.where(over, tau / s, torch.ones_like(s))
+        assert (after - before * gamma.view(1, -1, 1, 1)).abs().max() <= 1e-5 * before.abs().max()
+        # Row by row: q nope by sqrt(gamma), q rope by gamma, k nope by sqrt(gamma), the rest kept.
+        h, dn = mla.heads, mla.d_nope
+        root = gamma.sqrt().view(h, 1, 1)
+        q_rows, q_rows0 = _heads(mla.wq.weight, h), _heads(wq0, h)
+        kv_rows, kv_rows0 = _heads(mla.wkv_b.weight, h), _heads(b0, h)
+        torch.testing.assert_close(
+            q_rows[:, :dn], q_rows0[:, :dn] * root.to(q_rows.dtype), rtol=1e-6, atol=0
+        )
+        torch.testing.assert_close(
+            q_rows[:, dn:],
+            q_rows0[:, dn:] * gamma.view(h, 1, 1).to(q_rows.dtype),
+            rtol=1e-6,
+            atol=0,
+        )
+        torch.testing.assert_close(
+            kv_rows[:, :dn], kv_rows0[:, :dn] * root.to(q_rows.dtype), rtol=1e-6, atol=0
+        )
+        assert torch.equal(kv_rows[:, dn:], kv_rows0[:, dn:])  # values
+        assert torch.equal(mla.wkv_a.weight, a0)  # shared rotary key and the latent
+        assert torch.equal(q_rows[~over], q_rows0[~over])
+        assert torch.equal(kv_rows[~over], kv_rows0[~over])
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+# ---------------------------------------------------------------------- nn.MultiheadAttention
+
+
+@pytest.mark.parametrize("batch_first", [False, True], ids=["seq_first", "batch_first"])
+@pytest.mark.parametrize("kdim", [None, 6], ids=["packed", "separate"])
+def test_multihead_attention_hook(seed, batch_first, kdim):
+    e, heads, b, length = 12, 3, 2, 7
+    mha = nn.MultiheadAttention(e, heads, batch_first=batch_first, kdim=kdim, vdim=kdim)
+    with torch.no_grad():
+        w = mha.in_proj_weight if kdim is None else mha.q_proj_weight
+        w[:e].mul_(torch.tensor([6.0, 0.5, 2.0]).repeat_interleave(e // heads)[:, None])
+    clip = QKClip(tau=1.0)
+    layer = clip.add_multihead_attention(mha)
+    query = torch.randn(b, length, e)
+    key = torch.randn(b, length, kdim or e)
+    attn_mask = torch.ones(length, length, dtype=torch.bool).triu(1)  # True: not allowed
+    padding = torch.zeros(b, length, dtype=torch.bool)
+    padding[0, -2:] = True
+    key[0, -2:] *= 30.0  # hot keys, hidden by the padding mask: recording them would show
+
+    def run():
+        args = (
+            (query, key, key)
+            if batch_first
+            else (query.transpose(0, 1), key.transpose(0, 1), key.transpose(0, 1))
+        )
+        return mha(*args, key_padding_mask=padding, attn_mask=attn_mask, need_weights=False)[0]
+
+    @torch.no_grad()
+    def oracle():
+        wq = mha.in_proj_weight[:e] if kdim is None else mha.q_proj_weight
+        wk = mha.in_proj_weight[e : 2 * e] if kdim is None else mha.k_proj_weight
+        q = F.linear(query.double(), wq.double(), mha.in_proj_bias[:e].double())
+        k = F.linear(key.double(), wk.double(), mha.in_proj_bias[e : 2 * e].double())
+        q = q.view(b, length, heads, -1).transpose(1, 2)
+        k = k.view(b, length, heads, -1).transpose(1, 2)
+        logits = q @ k.transpose(-1, -2) / math.sqrt(e // heads)
+        allowed = ~attn_mask & ~padding[:, None, None, :]
+        return logits, logits.masked_fill(~allowed, NEG_INF).amax(dim=(0, 2, 3))
+
+    run().sum().backward()
+    before, s = oracle()
+    torch.testing.assert_close(layer.max_logit.double(), s, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(s, before.amax(dim=(0, 2, 3)))  # the masks matter
+    clip.tau = tau = _tau_between(s)
+    v_rows = (mha.in_proj_weight[2 * e :] if kdim is None else mha.v_proj_weight).detach().clone()
+    out0 = mha.out_proj.weight.detach().clone()
+    clip.apply()
+    _, s_after = oracle()
+    over = s > tau
+    assert (s_after <= tau * (1 + BOUND_RTOL)).all()
+    assert (s_after[over] >= tau * (1 - BOUND_RTOL)).all()
+    torch.testing.assert_close(s_after[~over], s[~over], rtol=0, atol=0)
+    assert torch.equal(mha.in_proj_weight[2 * e :] if kdim is None else mha.v_proj_weight, v_rows)
+    assert torch.equal(mha.out_proj.weight, out0)
+    layer.remove()
+    run()
+    assert clip.layers == [] and torch.equal(layer.max_logit, torch.full((heads,), NEG_INF))
+
+
+# ---------------------------------------------------------------------- optimizer integration
+
+
+def _tiny_step_setup():
+    torch.manual_seed(1234)
+    q, k = nn.Parameter(torch.randn(8, 6) * 3), nn.Parameter(torch.randn(8, 6) * 3)
+    for p in (q, k):
+        p.grad = torch.randn_like(p)
+    return q, k
+
+
+def test_attach_runs_apply_once_after_each_step(seed, monkeypatch):
+    q, k = _tiny_step_setup()
+    clip = QKClip(tau=1.0)
+    layer = clip.add(q, k, num_heads=2)
+    opt = Muon([q, k], lr=0.05)
+    handle = clip.attach(opt)
+    calls = []
+    real_apply = clip.apply
+    monkeypatch.setattr(clip, "apply", lambda: (calls.append(1), real_apply())[1])
+    layer.record_logits(torch.tensor([5.0, 0.5]).view(1, 2, 1, 1))
+
+    # Expected: Muon's step, then the clip, on copies.
+    q2, k2 = nn.Parameter(q.detach().clone()), nn.Parameter(k.detach().clone())
+    q2.grad, k2.grad = q.grad.clone(), k.grad.clone()
+    clip2 = QKClip(tau=1.0)
+    clip2.add(q2, k2, num_heads=2).record_logits(torch.tensor([5.0, 0.5]).view(1, 2, 1, 1))
+    Muon([q2, k2], lr=0.05).step()
+    clip2.apply()
+
+    opt.step()
+    assert calls == [1]
+    assert torch.equal(q, q2) and torch.equal(k, k2)
+    assert torch.equal(layer.max_logit, torch.full((2,), NEG_INF))
+    handle.remove()
+    layer.record_logits(torch.tensor([5.0, 0.5]).view(1, 2, 1, 1))
+    opt.step()
+    assert torch.equal(layer.max_logit, torch.tensor([5.0, 0.5]))  # no longer attached
+
+
+def test_muonclip_optimizer(seed):
+    q, k = _tiny_step_setup()
+    clip = QKClip(tau=1.0)
+    layer = clip.add(q, k, num_heads=2)
+    calls = []
+    opt = MuonClip([q, k], lr=0.05, qk_clip=clip)
+    opt.register_step_post_hook(lambda *a: calls.append(1))
+    layer.record_logits(torch.tensor([5.0, 0.5]).view(1, 2, 1, 1))
+    q2, k2 = nn.Parameter(q.detach().clone()), nn.Parameter(k.detach().clone())
+    q2.grad, k2.grad = q.grad.clone(), k.grad.clone()
+    clip2 = QKClip(tau=1.0)
+    clip2.add(q2, k2, num_heads=2).record_logits(torch.tensor([5.0, 0.5]).view(1, 2, 1, 1))
+    Muon([q2, k2], lr=0.05).step()
+    clip2.apply()
+    opt.step()
+    assert calls == [1]  # hooks run once per step
+    assert torch.equal(q, q2) and torch.equal(k, k2)
+    assert isinstance(opt, Muon) and set(opt.state_dict()["state"][0]) == {"momentum_buffer"}
+    with pytest.raises(TypeError, match="QKClip"):
+        MuonClip([q], qk_clip=None)
+
+
+def test_attach_works_with_muon_with_adamw(seed, one_thread):
+    tokens = torch.randint(0, 32, (4, 8))
+
+    def setup():
+        torch.manual_seed(seed)
+        clip = QKClip(tau=1.0)
+        model = _TinyAttention(clip)
+        opt = MuonWithAdamW(muon_param_groups(model), lr=0.05, adamw_lr=1e-2)
+        model(tokens).square().mean().backward()
+        return clip, model, opt
+
+    clip, model, opt = setup()
+    clip.tau = _tau_between(model.qk.max_logit)
+    calls = []
+    real_apply = clip.apply
+    clip.apply = lambda: (calls.append(1), real_apply())[1]
+    clip.attach(opt)
+    opt.step()
+    ref_clip, ref_model, ref_opt = setup()
+    ref_clip.tau = clip.tau
+    ref_opt.step()
+    ref_clip.apply()
+    assert calls == [1]
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+    assert (model.qk.last_gamma < 1).any() and (model.qk.last_gamma == 1).any()
+
+
+# ---------------------------------------------------------------------- training
+
+
+class _TinyAttention(nn.Module):
+    """One causal GQA layer over frozen random embeddings; the task (running max of the tokens
+    so far) rewards ever sharper attention, so the logits keep growing under a high lr."""
+
+    def __init__(self, clip: QKClip, vocab=32, d=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.dim = heads, kv_heads, d // heads
+        self.emb = nn.Embedding(vocab, d)
+        self.emb.weight.requires_grad_(False)
+        self.q = nn.Linear(d, heads * self.dim, bias=False)
+        self.k = nn.Linear(d, kv_heads * self.dim, bias=False)
+        self.v = nn.Linear(d, kv_heads * self.dim, bias=False)
+        self.o = nn.Linear(d, d, bias=False)
+        self.out = nn.Linear(d, vocab, bias=False)
+        self.qk = clip.add(self.q, self.k, num_heads=heads, num_kv_heads=kv_heads)
+
+    def forward(self, tokens):
+        x = self.emb(tokens)
+        b, length, _ = x.shape
+        q = self.q(x).view(b, length, self.heads, self.dim).transpose(1, 2)
+        k = self.k(x).view(b, length, self.kv_heads, self.dim).transpose(1, 2)
+        v = self.v(x).view(b, length, self.kv_heads, self.dim).transpose(1, 2)
+        a = self.qk.attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.out(self.o(a.transpose(1, 2).reshape(b, length, -1)))
+
+
+def _train(seed: int, use_clip: bool, tau: float, steps: int = 50, lr: float = 0.1):
+    torch.manual_seed(seed)
+    clip = QKClip(tau=tau)
+    model = _TinyAttention(clip)
+    opt = Muon([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    if use_clip:
+        clip.attach(opt)
+    maxima = []
+    for _ in range(steps):
+        tokens = torch.randint(0, 32, (16, 16))
+        target = torch.cummax(tokens, dim=1).values
+        loss = F.cross_entropy(model(tokens).flatten(0, 1), target.flatten())
+        opt.zero_grad()
+        loss.backward()
+        maxima.append(model.qk.max_logit.max().item())
+        opt.step()
+        if not use_clip:
+            clip.reset()
+    return maxima
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matrices: one intra-op thread is faster, and immune to a busy second core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_high_lr_training_logits_bounded_with_clip_and_growing_without(seed, one_thread):
+    tau = 5.0
+    free = _train(seed, use_clip=False, tau=tau)
+    clipped = _train(seed, use_clip=True, tau=tau)
+    assert free[-1] > 3 * tau, f"without QK-Clip the logits should grow: {free[-5:]}"
+    # Each step's forward sees the weights clipped after the previous step plus one update.
+    assert max(clipped) < 2.5 * tau, f"with QK-Clip the logits should stay near tau: {clipped}"
+    assert max(clipped[-10:]) < free[-1] / 2
+
+
+# ---------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.cuda
+def test_cuda_record_and_apply_never_sync(seed):
+    device = torch.device("cuda")
+    heads, kv_heads, dim, d_model = 8, 2, 16, 64
+    q_proj = nn.Linear(d_model, heads * dim, device=device)
+    k_proj = nn.Linear(d_model, kv_heads * dim, device=device)
+    mla = _MLA().to(device)
+    clip = QKClip(tau=0.5)
+    layer = clip.add(q_proj, k_proj, num_heads=heads, num_kv_heads=kv_heads)
+    mla_layer = clip.add_mla(
+        mla.wq,
+        mla.wkv_b,
+        num_heads=mla.heads,
+        qk_nope_head_dim=mla.d_nope,
+        qk_rope_head_dim=mla.d_rope,
+        v_head_dim=mla.d_v,
+    )
+    x = torch.randn(2, 32, d_model, device=device)
+    with torch.no_grad():
+        q = q_proj(x).view(2, 32, heads, dim).transpose(1, 2)
+        k = k_proj(x).view(2, 32, kv_heads, dim).transpose(1, 2)
+        mq, mk, _ = mla.qk(torch.randn(2, 32, 20, device=device))
+    layer.record(q, k, is_causal=True)  # allocates the running maxima
+    before = q_proj.weight.detach().clone()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        layer.record(q, k, is_causal=True)
+        mla_layer.record(mq, mk, is_causal=True, scale=mla.scale)
+        clip.apply()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    expect = q.double() @ k.double().repeat_interleave(4, 1).transpose(-1, -2) / 4
+    expect = _causal_max(expect.cpu())
+    torch.testing.assert_close(layer.last_max_logit.cpu().double(), expect, rtol=1e-3, atol=1e-3)
+    gamma = torch.where(expect > 0.5, 0.5 / expect, torch.ones_like(expect))
+    assert torch.equal(layer.last_gamma.cpu() == 1, gamma == 1)
+    assert not torch.equal(q_proj.weight, before)
+
+
+# ---------------------------------------------------------------------- distributed
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _distributed_worker(rank: int, world: int, port: int, out_dir: str, seed: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        torch.manual_seed(seed)  # same weights on every rank
+        heads, kv_heads, dim, d_model = 6, 2, 4, 12
+        q_proj = nn.Linear(d_model, heads * dim)
+        k_proj = nn.Linear(d_model, kv_heads * dim)
+        mla = _MLA()
+        clip = QKClip(tau=1.0)
+        gqa = clip.add(q_proj, k_proj, num_heads=heads, num_kv_heads=kv_heads)
+        mla_layer = clip.add_mla(
+            mla.wq,
+            mla.wkv_b,
+            num_heads=mla.heads,
+            qk_nope_head_dim=mla.d_nope,
+            qk_rope_head_dim=mla.d_rope,
+            v_head_dim=mla.d_v,
+        )
+        torch.manual_seed(seed + 1 + rank)  # different data on every rank
+        x = torch.randn(2, 5, d_model) * (1 + 2 * rank)
+        q = q_proj(x).view(2, 5, heads, dim).transpose(1, 2)
+        k = k_proj(x).view(2, 5, kv_heads, dim).transpose(1, 2)
+        gqa.record(q, k, is_causal=True)
+        q, k, _ = mla.qk(torch.randn(2, 5, 20) * (3 - 2 * rank))
+        mla_layer.record(q, k, is_causal=True, scale=mla.scale)
+        local = [gqa.max_logit.clone(), mla_layer.max_logit.clone()]
+        seen = torch.cat(local)
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+        clip.tau = float(seen.median())  # one tau, some heads above it and some below
+        clip.apply()
+        torch.save(
+            {
+                "tau": clip.tau,
+                "local": local,
+                "reduced": [gqa.last_max_logit, mla_layer.last_max_logit],
+                "weights": [
+                    q_proj.weight,
+                    q_proj.bias,
+                    k_proj.weight,
+                    k_proj.bias,
+                    mla.wq.weight,
+                    mla.wkv_b.weight,
+                ],
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_two_rank_gloo_ranks_apply_the_same_gamma(seed):
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        context = mp.spawn(
+            _distributed_worker, args=(2, _free_port(), out_dir, seed), nprocs=2, join=False
+        )
+        deadline = time.monotonic() + 120.0
+        while not context.join(timeout=1.0):  # False until every worker has exited
+            if time.monotonic() > deadline:
+                for p in context.processes:
+                    if p.is_alive():
+                        p.kill()
+                pytest.fail("distributed workers did not finish in time")
+        r0, r1 = (torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2))
+    # Different data, so the local maxima differ; the applied maxima are their MAX on both ranks.
+    assert r0["tau"] == r1["tau"]
+    assert not all(torch.equal(a, b) for a, b in zip(r0["local"], r1["local"]))
+    for i in range(2):
+        expect = torch.maximum(r0["local"][i], r1["local"][i])
+        assert torch.equal(r0["reduced"][i], expect) and torch.equal(r1["reduced"][i], expect)
+    reduced = torch.cat(r0["reduced"])
+    assert (reduced > r0["tau"]).any() and (reduced <= r0["tau"]).any()
+    for a, b in zip(r0["weights"], r1["weights"]):
+        assert torch.equal(a, b), "ranks applied different factors"
