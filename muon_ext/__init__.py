@@ -7,8 +7,23 @@
 from . import ops, reference
 from ._extension import build_info, extension_available
 from .coefficients import PRESETS
+from .hybrid import MuonWithAdamW
 from .optim import Muon
+from .qk_clip import MuonClip, QKClip, QKClipLayer
+from .routing import muon_param_groups
 
 __version__ = "0.1.0"
 
-__all__ = ["Muon", "PRESETS", "build_info", "extension_available", "ops", "reference"]
+__all__ = [
+    "Muon",
+    "MuonClip",
+    "MuonWithAdamW",
+    "PRESETS",
+    "QKClip",
+    "QKClipLayer",
+    "build_info",
+    "extension_available",
+    "muon_param_groups",
+    "ops",
+    "reference",
+]

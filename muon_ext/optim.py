@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer, ParamsT
 
+from . import distributed as _distributed
 from . import ops
 from ._extension import extension_available
 from .coefficients import (
@@ -82,8 +83,19 @@ class Muon(Optimizer):
       a preset name: ``"jordan"`` (default values), ``"polar_express"``, ``"deepseek_v4"``.
     * ``fused`` (keyword-only): ``None`` picks the fused C++/CUDA step when the extension
       supports the params' device and dtype; ``False`` forces the pure-PyTorch loop.
-    * ``capturable`` (keyword-only): keep everything on the device for CUDA-graph capture.
-    * AMP: ``GradScaler`` passes ``grad_scale``/``found_inf`` and the step unscales on device.
+    * ``capturable`` (keyword-only): the step may be captured in a CUDA graph (``torch.cuda.graph``,
+      also around ``scaler.step(opt); scaler.update()``). Capture then needs ``lr`` as a Tensor
+      on the params' device (schedulers update it in place, and replays read the new value);
+      a float or CPU lr would be read on the host once, at capture, and frozen into the graph,
+      so capture refuses it. CUDA params must take the fused step (the pure-PyTorch path reads
+      ``found_inf`` on the host). On the CPU the flag changes nothing.
+    * Distributed (keyword-only; see ``muon_ext.distributed``): FSDP2 (DTensor) params need
+      nothing. ``distributed_mode="owner"`` is for replicated params (DDP): each matrix is
+      orthogonalized on one rank of ``process_group`` (default: the world) and shared.
+    * AMP: ``GradScaler`` passes ``grad_scale``/``found_inf`` and the step unscales on device;
+      with ``found_inf != 0`` nothing changes, read on the device (no host sync on CUDA).
+    * ``torch.compile(opt.step)`` traces the step as one graph with the fused op in it; a
+      Tensor lr can change (``lr.fill_``, LR schedulers) without recompiling.
     * Momentum buffers of bf16/fp16 params are float32.
     """
 
@@ -103,7 +115,13 @@ class Muon(Optimizer):
         *,
         fused: bool | None = None,
         capturable: bool = False,
+        distributed_mode: str | None = None,
+        process_group: Any = None,
     ) -> None:
+        # How the step runs, not hyperparameters: kept off param_groups, so checkpoints move
+        # between single-process and distributed runs (and a ProcessGroup is never pickled).
+        self.distributed_mode = _distributed.validate_mode(distributed_mode)
+        self.process_group = process_group
         defaults = {
             "lr": lr,
             "weight_decay": weight_decay,
@@ -136,6 +154,8 @@ class Muon(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._plans = {}
+        self.__dict__.setdefault("distributed_mode", None)
+        self.__dict__.setdefault("process_group", None)
         for group in self.param_groups:
             group.setdefault("fused", None)
             group.setdefault("capturable", False)
@@ -179,18 +199,30 @@ class Muon(Optimizer):
         grads: list[Tensor],
         momentum_buffers: list[Tensor],
     ) -> None:
-        """Collects the params that have grads and their state (creating zero momentum)."""
-        for p in group["params"]:
+        """Collects the params that have grads and their state (creating zero momentum).
+
+        torch.optim's convention: all reading and creating of state happens here, and Dynamo
+        runs this method eagerly while tracing ``step`` (its optimizer support calls it by
+        name), so a compiled step sees real state tensors and no state-dependent branches.
+        """
+        for pos, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             params_with_grad.append(p)
             grads.append(p.grad)
             state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                state["momentum_buffer"] = buf = torch.zeros_like(
                     p, dtype=momentum_dtype(p), memory_format=torch.contiguous_format
                 )
-            momentum_buffers.append(state["momentum_buffer"])
+            elif buf.shape != p.shape or buf.device != p.device:
+                # Eager steps caught this in _check_group_for_step; compiled ones get here.
+                index = next(i for i, g in enumerate(self.param_groups) if g is group)
+                raise RuntimeError(
+                    _momentum_mismatch(buf, p, _describe(group.get("param_names"), index, pos))
+                )
+            momentum_buffers.append(buf)
 
     def _check_group_for_step(self, group: dict[str, Any], index: int) -> None:
         """Everything that could make the step fail, checked before any state is touched."""
@@ -210,17 +242,20 @@ class Muon(Optimizer):
                     f"grad of {what} has shape {tuple(g.shape)}, {g.dtype} on {g.device}; "
                     f"expected {tuple(p.shape)}, {p.dtype} on {p.device}"
                 )
-            buf = self.state.get(p, {}).get("momentum_buffer")
-            if buf is not None and (buf.shape != p.shape or buf.device != p.device):
-                raise RuntimeError(
-                    f"momentum_buffer of {what} has shape {tuple(buf.shape)} on {buf.device}; "
-                    f"expected {tuple(p.shape)} on {p.device} (a mismatched checkpoint?)"
-                )
+            # Not while Dynamo traces: state read here would differ between Dynamo's first
+            # pass and a restart after a graph break (_init_group, run eagerly, creates it in
+            # between); _init_group checks the buffer then.
+            if not torch.compiler.is_compiling():
+                buf = self.state.get(p, {}).get("momentum_buffer")
+                if buf is not None and (buf.shape != p.shape or buf.device != p.device):
+                    raise RuntimeError(_momentum_mismatch(buf, p, what))
             if group["fused"] and not (p.dtype in FUSED_DTYPES and _fused_device_supported(p.device)):
                 raise RuntimeError(
                     f"fused=True but the fused step does not support {what} "
                     f"({p.dtype} on {p.device}); use fused=None to fall back automatically"
                 )
+            if group["capturable"] and (problem := _capturable_problem(p, group)):
+                raise RuntimeError(f"capturable=True but {what} {problem}")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
@@ -236,18 +271,71 @@ class Muon(Optimizer):
 
         for index, group in enumerate(self.param_groups):
             self._check_group_for_step(group, index)
+        self._check_capture(grad_scale, found_inf)
 
         for index, group in enumerate(self.param_groups):
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            bufs: list[Tensor] = []
-            self._init_group(group, params, grads, bufs)
-            if not params:
-                continue
-            schedule = resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
-            for call in self._plan(index, group, params):
-                _run_call(call, group, schedule, params, grads, bufs, grad_scale, found_inf)
+            self._step_group(index, group, grad_scale, found_inf)
         return loss
+
+    # NOTE: [CUDA graphs]
+    # A captured step is replayed without running any Python, so every value that may change
+    # between replays (lr from a scheduler, GradScaler's scale and found_inf) must be a device
+    # tensor that the kernels read; a float or CPU value is read on the host once, at capture,
+    # and frozen into the graph. The CUDA op reads CPU scalars on the host and device scalars
+    # in-kernel (csrc/cuda/muon_step_cuda.cpp, NOTE: [No host sync]); the checks below make
+    # capture fail loudly instead of replaying stale values.
+    def _check_capture(self, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        """Raises if the current stream is capturing a CUDA graph and this step is unsafe to
+        capture. Python-side checks only (no device reads), done before any state changes."""
+        if not _capturing():
+            return
+        for index, group in enumerate(self.param_groups):
+            where = f"param_groups[{index}]"
+            if not group["capturable"]:
+                raise RuntimeError(
+                    f"Attempting CUDA graph capture of step() for an instance of "
+                    f"{type(self).__name__}, but {where} has capturable=False; construct it "
+                    "with capturable=True and lr as a Tensor on the params' device"
+                )
+            _check_capture_scalars(group, where, grad_scale, found_inf)
+            self._check_group_for_capture(group, index, grad_scale, found_inf)
+
+    def _check_group_for_capture(
+        self,
+        group: dict[str, Any],
+        index: int,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
+        """What only a Muon group needs under capture (``MuonWithAdamW`` adds its AdamW part)."""
+        if _distributed.wanted(self, group):
+            raise RuntimeError(
+                f"CUDA graph capture of step(): param_groups[{index}] takes the distributed "
+                "step, which reads lr and found_inf on the host and is not capturable"
+            )
+
+    def _step_group(
+        self,
+        index: int,
+        group: dict[str, Any],
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
+        """Updates one (already checked) group; ``MuonWithAdamW`` calls it for its Muon groups."""
+        # -- distributed hook: DTensor (FSDP2) params and distributed_mode="owner" -----------
+        if _distributed.wanted(self, group):
+            _distributed.step_group(self, index, group, grad_scale, found_inf)
+            return
+        # -- end distributed hook -------------------------------------------------------------
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        bufs: list[Tensor] = []
+        self._init_group(group, params, grads, bufs)
+        if not params:
+            return
+        schedule = resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
+        for call in self._plan(index, group, params):
+            _run_call(call, group, schedule, params, grads, bufs, grad_scale, found_inf)
 
     def _plan(self, index: int, group: dict[str, Any], params: list[Tensor]) -> list[_Call]:
         """Which fused calls a group's step makes; cached while its params and rules stay put."""
@@ -257,14 +345,16 @@ class Muon(Optimizer):
             group["adjust_lr_fn"],
             group["fused"],
         )
-        cached = self._plans.get(index)
+        # Under torch.compile the plan is rebuilt while tracing and folded into the graph as
+        # constants: reading or filling the cache there would make Dynamo guard on the dict
+        # (a recompile after the first call, when the cache changed under it).
+        compiling = torch.compiler.is_compiling()
+        cached = None if compiling else self._plans.get(index)
         if cached is not None and cached[0] == key:
             return cached[1]
         partitions: dict[tuple, list[int]] = {}
         for i, p in enumerate(params):
-            fused = group["fused"] is not False and p.dtype in FUSED_DTYPES and (
-                _fused_device_supported(p.device)
-            )
+            fused = _takes_fused_step(p, group)
             partitions.setdefault((p.device, p.dtype, fused), []).append(i)
         calls = []
         for (_, _, fused), idx in partitions.items():
@@ -274,15 +364,107 @@ class Muon(Optimizer):
                 update_scale(*matrix_shape(params[i].shape)[1:], group["adjust_lr_fn"]) for i in idx
             ]
             calls.append(_Call(idx, scales, fused))
-        self._plans[index] = (key, calls)
+        if not compiling:
+            self._plans[index] = (key, calls)
         return calls
+
+
+def _momentum_mismatch(buf: Tensor, p: Tensor, what: str) -> str:
+    return (
+        f"momentum_buffer of {what} has shape {tuple(buf.shape)} on {buf.device}; "
+        f"expected {tuple(p.shape)} on {p.device} (a mismatched checkpoint?)"
+    )
+
+
+def _takes_fused_step(p: Tensor, group: dict[str, Any]) -> bool:
+    """Whether ``p`` is stepped by the fused op (else by ``_single_tensor_muon``)."""
+    return (
+        group["fused"] is not False
+        and p.dtype in FUSED_DTYPES
+        and _fused_device_supported(p.device)
+    )
+
+
+def _capturable_problem(p: Tensor, group: dict[str, Any]) -> str | None:
+    """Why a param of a ``capturable=True`` group could not be stepped inside a CUDA graph
+    (completes "capturable=True but <param> ..."), or None. CPU params: no graphs, no syncs."""
+    if p.device.type == "cpu":
+        return None
+    if not _takes_fused_step(p, group):
+        # _single_tensor_muon reads found_inf and lr on the host: a sync, never capturable.
+        return (
+            f"({p.dtype} on {p.device}) would take the pure-PyTorch step, which reads lr and "
+            "found_inf on the host (a sync); capturable needs the fused step: float32, bfloat16 "
+            "or float16 params, fused=None or True, and the extension built with CUDA "
+            "(see muon_ext.build_info())"
+        )
+    lr = group["lr"]
+    if isinstance(lr, Tensor) and lr.device != p.device:
+        return (
+            f"is on {p.device} while the Tensor lr is on {lr.device}: a captured graph would "
+            f"keep the value read at capture; put lr on {p.device}"
+        )
+    return None
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph. False while Dynamo traces (whether
+    a compiled graph is CUDA-graphed is inductor's decision, with its own checks, as in
+    torch.optim), and never initializes CUDA."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def _check_capture_scalars(
+    group: dict[str, Any], where: str, grad_scale: Tensor | None, found_inf: Tensor | None
+) -> None:
+    """Under CUDA graph capture: the group's params with grads are on an accelerator, and lr,
+    grad_scale and found_inf are device tensors there (see NOTE: [CUDA graphs])."""
+    params = [p for p in group["params"] if p.grad is not None]
+    if not params:
+        return
+    lr = group["lr"]
+    lr_device = lr.device if isinstance(lr, Tensor) else None
+    if lr_device is None:
+        raise RuntimeError(
+            f"CUDA graph capture of step(): {where} has a float lr ({lr!r}), which would be "
+            "frozen into the graph (LR-scheduler changes silently ignored on replay); with "
+            f"capturable=True pass lr=torch.tensor({lr!r}, device=<the params' device>)"
+        )
+    for p in params:
+        if p.device.type == "cpu":
+            raise RuntimeError(
+                f"CUDA graph capture of step(): {where} holds a CPU parameter; a CUDA graph "
+                "cannot capture CPU work"
+            )
+        if lr_device != p.device:
+            raise RuntimeError(
+                f"CUDA graph capture of step(): {where} has lr on {lr_device} but a parameter "
+                f"on {p.device}; with capturable=True the Tensor lr must be on {p.device}"
+            )
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is not None and t.device.type == "cpu":
+            raise RuntimeError(
+                f"CUDA graph capture of step(): optimizer.{name} is a CPU tensor, which would "
+                "be read once at capture and frozen into the graph; keep it on the params' "
+                "device (GradScaler does)"
+            )
+
+
+def _scalar_on(t: Tensor, device: torch.device) -> Tensor:
+    """A 1-element tensor for the op: as is when on ``device`` or on the CPU (the op reads a
+    CPU scalar on the host, no copy), else moved on the device side. Never a host sync."""
+    if t.device == device or t.device.type == "cpu":
+        return t
+    return t.to(device)
 
 
 def _lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
     if isinstance(lr, Tensor):
-        if lr.device.type == "cpu" or lr.device == device:
-            return lr.reshape(())
-        return lr.to(device).reshape(())
+        return _scalar_on(lr, device).reshape(())
+    # A CPU float64 scalar (read on the host by the op). Under torch.compile a float lr is a
+    # constant of the graph, and a new value recompiles: schedule a Tensor lr instead.
     return torch.tensor(float(lr), dtype=torch.float64)
 
 
@@ -316,8 +498,8 @@ def _run_call(
         group["eps"],
         flat_coefficients(schedule),
         call.update_scales,
-        None if grad_scale is None else grad_scale.to(device),
-        None if found_inf is None else found_inf.to(device),
+        None if grad_scale is None else _scalar_on(grad_scale, device),
+        None if found_inf is None else _scalar_on(found_inf, device),
     )
     for p, w in zip(ps, work):
         if w is not p:
@@ -336,7 +518,10 @@ def _single_tensor_muon(
 ) -> None:
     """Pure-PyTorch per-parameter loop (float64 params, devices without the extension).
 
-    Newton-Schulz in bf16 on accelerators (as torch.optim.Muon) and fp32 on CPU.
+    Newton-Schulz in bf16 on accelerators (as torch.optim.Muon) and fp32 on CPU. It reads
+    ``found_inf`` and a Tensor lr on the host (a sync on accelerators, a graph break under
+    torch.compile), so ``capturable=True`` groups never get here with accelerator params:
+    ``_capturable_problem`` rejects them when the group is added and at every step.
     """
     if found_inf is not None and bool(found_inf.item()):  # this path may sync; the fused one never
         return
@@ -392,6 +577,8 @@ def _validate_hyperparameters(
         )
     if group.get("fused") not in (None, True, False):
         raise ValueError(f"{where}: fused must be None, True or False, got {group['fused']!r}")
+    if not isinstance(group.get("capturable", False), bool):
+        raise ValueError(f"{where}: capturable must be a bool, got {group['capturable']!r}")
     try:
         resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
     except ValueError as exc:
@@ -417,6 +604,8 @@ def _validate_params(group: dict[str, Any], index: int) -> None:
                 f"fused=True but the fused step does not support {what} ({p.dtype} on "
                 f"{p.device}); build info: {__import__('muon_ext').build_info()}"
             )
+        if group["capturable"] and (problem := _capturable_problem(p, group)):
+            raise ValueError(f"capturable=True but {what} {problem}")
 
 
 def _is_real(v: Any) -> bool:

@@ -1,0 +1,184 @@
+"""The trainers users reach for: Lightning's automatic optimization and the Hugging Face
+Trainer, each given one MuonWithAdamW (skipped when the package is not installed; they are
+the optional ``integrations`` extra), plus the HF factory's contract, which needs neither."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from muon_ext import MuonWithAdamW
+from muon_ext.integrations import hf_optimizer_cls_and_kwargs
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(
+        f"muon_ext_example_{name}", EXAMPLES / f"{name}.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _require_lightning():
+    try:
+        import lightning.pytorch  # noqa: F401
+    except ImportError:
+        pytest.importorskip("pytorch_lightning")
+
+
+def _assert_covers_trainable_params_once(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    in_opt = [p for g in opt.param_groups for p in g["params"]]
+    assert len(in_opt) == len({id(p) for p in in_opt})
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in in_opt} == trainable
+
+
+# ---------------------------------------------------------------------- no trainer needed
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(20, 8)
+        self.body = nn.Linear(8, 8)
+        self.lm_head = nn.Linear(8, 20)
+        self.frozen = nn.Linear(8, 8).requires_grad_(False)
+
+
+def test_hf_factory_gives_all_trainable_params_once_and_builds_the_optimizer():
+    model = _Net()
+    cls, kwargs = hf_optimizer_cls_and_kwargs(model, lr=0.01, adamw_lr=1e-3)
+    assert cls is MuonWithAdamW and set(kwargs) == {"params", "lr", "adamw_lr"}
+    params = kwargs.pop("params")  # what Trainer.create_optimizer does
+    opt = cls(params, **kwargs)
+    _assert_covers_trainable_params_once(model, opt)
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 1e-3]
+    assert opt.param_groups[0]["param_names"] == ["body.weight"]
+
+
+def test_hf_factory_rejects_unknown_arguments_early():
+    with pytest.raises(TypeError, match="adamw_beta"):
+        hf_optimizer_cls_and_kwargs(_Net(), adamw_beta=(0.9, 0.95))
+
+
+# ---------------------------------------------------------------------- Lightning
+
+
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint")
+def test_lightning_automatic_optimization_trains_and_resumes(tmp_path):
+    _require_lightning()
+    example = _load_example("lightning_example")
+    common = {
+        "accelerator": "cpu",
+        "devices": 1,
+        "enable_progress_bar": False,
+        "default_root_dir": tmp_path,
+    }
+    module = example.main(max_steps=30, **common)
+    trainer = module.trainer
+    assert len(trainer.optimizers) == 1
+    opt = trainer.optimizers[0]
+    assert type(opt) is MuonWithAdamW
+    _assert_covers_trainable_params_once(module, opt)
+    losses = module.losses
+    assert losses[0] > 0.8 * math.log(64) and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses[::5]
+    # the per-step scheduler scaled both groups' own lr by the same factor
+    sched = trainer.lr_scheduler_configs[0].scheduler
+    assert sched.last_epoch == 30
+    assert opt.param_groups[0]["lr"] / opt.param_groups[1]["lr"] == pytest.approx(0.02 / 3e-3)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            if group["use_muon"]:
+                assert state["momentum_buffer"].dtype == torch.float32
+            else:
+                assert state["step"].item() == 30
+
+    # Checkpoint and resume: Lightning saves and loads the one optimizer's state_dict.
+    ckpt = tmp_path / "tiny.ckpt"
+    trainer.save_checkpoint(ckpt)
+    resumed = example.LitTinyGPT(max_steps=34)
+    pl = example.pl
+    data = torch.utils.data.DataLoader(example.permutation_walks(256, 16, 64), batch_size=32)
+    resumer = pl.Trainer(
+        max_steps=34, logger=False, enable_checkpointing=False, enable_model_summary=False, **common
+    )
+    resumer.fit(resumed, data, ckpt_path=ckpt)
+    opt2 = resumer.optimizers[0]
+    adamw_param = opt2.param_groups[1]["params"][0]
+    assert opt2.state[adamw_param]["step"].item() == 34
+    assert sum(resumed.losses) / len(resumed.losses) < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------------- Hugging Face
+
+
+def test_hf_model_trees_route_as_expected():
+    transformers = pytest.importorskip("transformers")
+    gpt2 = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    )
+    _, kwargs = hf_optimizer_cls_and_kwargs(gpt2)
+    muon_group, adamw_group = kwargs["params"]
+    assert all(
+        re.fullmatch(
+            r"transformer\.h\.\d\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight", n
+        )
+        for n in muon_group["param_names"]
+    )
+    assert len(muon_group["params"]) == 8
+    assert "transformer.wte.weight" in adamw_group["param_names"]
+    assert "lm_head.weight" not in adamw_group["param_names"]  # tied: counted once
+
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+        )
+    )
+    _, kwargs = hf_optimizer_cls_and_kwargs(llama)
+    muon_group, adamw_group = kwargs["params"]
+    assert len(muon_group["params"]) == 2 * 7
+    assert {"lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"} <= set(
+        adamw_group["param_names"]
+    )
+    opt = MuonWithAdamW(kwargs["params"])
+    _assert_covers_trainable_params_once(llama, opt)
+
+
+def test_hf_trainer_trains_with_one_muon_with_adamw(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    example = _load_example("hf_trainer_example")
+    torch.manual_seed(0)
+    model = example.build_model()
+    trainer = example.build_trainer(model, str(tmp_path), max_steps=30, logging_steps=5)
+    trainer.train()
+    opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # Accelerate wraps it
+    assert type(opt) is MuonWithAdamW
+    _assert_covers_trainable_params_once(model, opt)
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.6 * losses[0], losses
+    # the Trainer's schedule scaled each group's own lr
+    assert opt.param_groups[0]["initial_lr"] == 0.02 and opt.param_groups[1]["initial_lr"] == 3e-3
+    factors = [g["lr"] / g["initial_lr"] for g in opt.param_groups]
+    assert factors[0] == pytest.approx(factors[1], abs=1e-12)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert opt.state[p], "every trainable parameter was updated"
