@@ -26,7 +26,14 @@ from torch.optim.adamw import adamw as _torch_adamw
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach
 
 from .coefficients import JORDAN
-from .optim import Muon, _describe, _is_real, _validate_hyperparameters, _validate_params
+from .optim import (
+    Muon,
+    _describe,
+    _is_real,
+    _muon_defaults,
+    _validate_hyperparameters,
+    _validate_params,
+)
 
 __all__ = ["MuonWithAdamW"]
 
@@ -128,18 +135,10 @@ class MuonWithAdamW(Muon):
         distributed_mode: str | None = None,
         process_group: Any = None,
     ) -> None:
-        muon_defaults = {
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "momentum": momentum,
-            "nesterov": nesterov,
-            "ns_coefficients": ns_coefficients,
-            "eps": eps,
-            "ns_steps": ns_steps,
-            "adjust_lr_fn": adjust_lr_fn,
-            "fused": fused,
-            "capturable": capturable,
-        }
+        muon_defaults = _muon_defaults(
+            lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
+            fused=fused, capturable=capturable,
+        )
         _validate_hyperparameters(muon_defaults, where="MuonWithAdamW")
         adamw_defaults = {
             "lr": adamw_lr,

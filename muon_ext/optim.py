@@ -71,6 +71,25 @@ def _describe(param_names: list[str] | None, group_index: int, position: int) ->
     return f"parameter param_groups[{group_index}]['params'][{position}]"
 
 
+def _muon_defaults(
+    lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, *,
+    fused, capturable,
+) -> dict[str, Any]:
+    """A Muon group's defaults: torch.optim.Muon's keys (so checkpoints interchange), plus ours."""
+    return {
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "momentum": momentum,
+        "nesterov": nesterov,
+        "ns_coefficients": ns_coefficients,
+        "eps": eps,
+        "ns_steps": ns_steps,
+        "adjust_lr_fn": adjust_lr_fn,
+        "fused": fused,
+        "capturable": capturable,
+    }
+
+
 class Muon(Optimizer):
     """Muon: momentum, orthogonalized by Newton-Schulz, with decoupled weight decay.
 
@@ -122,18 +141,10 @@ class Muon(Optimizer):
         # between single-process and distributed runs (and a ProcessGroup is never pickled).
         self.distributed_mode = _distributed.validate_mode(distributed_mode)
         self.process_group = process_group
-        defaults = {
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "momentum": momentum,
-            "nesterov": nesterov,
-            "ns_coefficients": ns_coefficients,
-            "eps": eps,
-            "ns_steps": ns_steps,
-            "adjust_lr_fn": adjust_lr_fn,
-            "fused": fused,
-            "capturable": capturable,
-        }
+        defaults = _muon_defaults(
+            lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
+            fused=fused, capturable=capturable,
+        )
         _validate_hyperparameters(defaults, where="Muon")
         self._plans: dict[int, tuple[tuple, list[_Call]]] = {}
         super().__init__(params, defaults)
