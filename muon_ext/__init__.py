@@ -15,10 +15,10 @@ from .routing import muon_param_groups
 __version__ = "0.1.0"
 
 __all__ = [
+    "PRESETS",
     "Muon",
     "MuonClip",
     "MuonWithAdamW",
-    "PRESETS",
     "QKClip",
     "QKClipLayer",
     "build_info",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch  # noqa: F401  (torch's libraries must be loaded before the extension)
+import torch
 
 _IMPORT_ERROR: str | None = None
 try:

@@ -30,7 +30,7 @@ from .coefficients import (
 )
 from .reference import orthogonalize
 
-__all__ = ["Muon", "FUSED_DTYPES"]
+__all__ = ["FUSED_DTYPES", "Muon"]
 
 # Param dtypes the fused ops take; float64 params run the pure-PyTorch path.
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .coefficients import Triple, matrix_shape
 
-__all__ = ["matrix_view", "orthogonalize", "muon_step_reference"]
+__all__ = ["matrix_view", "muon_step_reference", "orthogonalize"]
 
 
 def matrix_view(t: Tensor) -> Tensor:

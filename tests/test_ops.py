@@ -24,7 +24,7 @@ def _inputs(dtype=torch.float32, shapes=SHAPES):
 
 
 def _step(params, grads, bufs, scales, lr=0.05, grad_scale=None, found_inf=None, **kw):
-    args = dict(momentum=0.9, nesterov=True, weight_decay=0.1, eps=1e-7)
+    args = {"momentum": 0.9, "nesterov": True, "weight_decay": 0.1, "eps": 1e-7}
     args.update(kw)
     ops.muon_step_(params, grads, bufs, torch.tensor(lr), args["momentum"], args["nesterov"],
                    args["weight_decay"], args["eps"], FLAT, scales, grad_scale, found_inf)

@@ -24,7 +24,7 @@ SHAPES = {
     "empty": (0, 16),
     "empty_stack": (2, 0, 5),
 }
-HYPER = dict(lr=0.02, weight_decay=0.1, momentum=0.95, eps=1e-7)
+HYPER = {"lr": 0.02, "weight_decay": 0.1, "momentum": 0.95, "eps": 1e-7}
 STEPS = 4
 
 
@@ -97,8 +97,8 @@ def test_several_param_groups_use_their_own_hyperparameters(seed):
     a.grad, b.grad = ga.clone(), gb.clone()
     opt.step()
     for p0, g, p, kw in [
-        (a0, ga, a, dict(lr=0.01, weight_decay=0.2, nesterov=True, fn=None)),
-        (b0, gb, b, dict(lr=0.1, weight_decay=0.0, nesterov=False, fn="match_rms_adamw")),
+        (a0, ga, a, {"lr": 0.01, "weight_decay": 0.2, "nesterov": True, "fn": None}),
+        (b0, gb, b, {"lr": 0.1, "weight_decay": 0.0, "nesterov": False, "fn": "match_rms_adamw"}),
     ]:
         ref = [p0.double().clone()]
         muon_step_reference(
@@ -148,7 +148,7 @@ def test_matches_torch_optim_muon(seed, dtype, nesterov, adjust_lr_fn):
         for p, g in zip(theirs, step_grads):
             p.grad = g.clone()
         topt.step()
-    oracle, oracle_bufs = _oracle(
+    oracle, _ = _oracle(
         params0, grads, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn,
         compute_dtype=torch.float64, ns_dtype=torch.float64, param_dtype=None,
     )
