@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import torch
+import torch  # torch's libraries must be loaded before the extension
 
 _IMPORT_ERROR: str | None = None
 try:
