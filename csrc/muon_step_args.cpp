@@ -2,6 +2,8 @@
 
 #include <cmath>
 #include <map>
+#include <string>
+#include <unordered_map>
 #include <utility>
 
 namespace muon_ext {
@@ -19,6 +21,31 @@ void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Device
               " must be a floating-point tensor, got ", t.scalar_type());
   TORCH_CHECK(t.device() == device || (allow_cpu && t.device().is_cpu()), "muon_step_: ", name,
               " must be on ", device, allow_cpu ? " or the CPU" : "", ", got ", t.device());
+}
+
+// In-place updates through shared storage would race (CUDA) or apply twice (CPU): every
+// tensor the step writes (params, momentum) must own its storage among all the step's
+// tensors; grads are only read, so grads may share storage with each other. O(n) with a map.
+void check_no_aliasing(at::TensorList params, at::TensorList grads, at::TensorList momentum) {
+  std::unordered_map<const void*, std::string> written;
+  auto claim = [&](at::TensorList list, const char* name) {
+    for (size_t i = 0; i < list.size(); ++i) {
+      if (list[i].numel() == 0) continue;
+      const void* storage = list[i].storage().unsafeGetStorageImpl();
+      const std::string what = std::string(name) + "[" + std::to_string(i) + "]";
+      auto [it, inserted] = written.emplace(storage, what);
+      TORCH_CHECK(inserted, "muon_step_: ", what, " and ", it->second,
+                  " share storage; every tensor the step writes must have its own");
+    }
+  };
+  claim(params, "params");
+  claim(momentum, "momentum_buffers");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].numel() == 0) continue;
+    auto it = written.find(grads[i].storage().unsafeGetStorageImpl());
+    TORCH_CHECK(it == written.end(), "muon_step_: grads[", i, "] and ", it->second,
+                " share storage; grads are read while params and momentum are written");
+  }
 }
 
 }  // namespace
@@ -84,12 +111,8 @@ void check_muon_step_args(at::TensorList params, at::TensorList grads,
     TORCH_CHECK(!g.is_sparse(), "muon_step_: grads[", i, "] is sparse; Muon needs dense grads");
     TORCH_CHECK(std::isfinite(args.update_scales[i]), "muon_step_: update_scales[", i,
                 "] must be finite, got ", args.update_scales[i]);
-    for (size_t j = 0; j < i; ++j) {
-      // In-place updates through aliased storage would race (CUDA) or double-apply (CPU).
-      TORCH_CHECK(!(p.numel() > 0 && params[j].numel() > 0 && p.is_alias_of(params[j])),
-                  "muon_step_: params[", i, "] and params[", j, "] share storage");
-    }
   }
+  check_no_aliasing(params, grads, momentum_buffers);
   check_scalar_tensor(lr, "lr", device, /*allow_cpu=*/true);
   if (grad_scale.has_value()) check_scalar_tensor(*grad_scale, "grad_scale", device, true);
   if (found_inf.has_value()) check_scalar_tensor(*found_inf, "found_inf", device, true);

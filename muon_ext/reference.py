@@ -45,8 +45,9 @@ def orthogonalize(
     norm_dtype = torch.promote_types(x.dtype, torch.float32)
     xf = x.to(norm_dtype)
     norm = torch.linalg.vector_norm(xf, dim=(1, 2), keepdim=True).clamp(min=eps)
-    # A zero matrix orthogonalizes to zero, also with eps == 0 (no NaN from 0 / 0).
-    X = torch.where(norm > 0, xf / norm, torch.zeros_like(xf)).to(ns_dtype)
+    # A zero matrix orthogonalizes to zero, also with eps == 0 (no NaN from 0 / 0); a NaN
+    # norm (NaN or inf in the input) stays NaN, as in torch: garbage in, visible out.
+    X = torch.where(norm == 0, torch.zeros_like(xf), xf / norm).to(ns_dtype)
     for a, b, c in ns_coefficients:
         A = X @ X.transpose(1, 2)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)

@@ -100,6 +100,10 @@ BAD_CALLS = [
     ("momentum dtype", lambda p, g, m: (p[:1], g[:1], [m[0].double()]), "momentum_buffers\\[0\\]"),
     ("length", lambda p, g, m: (p[:2], g[:1], m[:2]), "grads has 1 tensors"),
     ("alias", lambda p, g, m: ([p[0], p[0]], [g[0], g[0]], [m[0], m[0].clone()]), "share storage"),
+    # SHAPES[0] is (1, 5, 9) and SHAPES[1] (1, 9, 5): one buffer viewed as both.
+    ("momentum alias", lambda p, g, m: (p[:2], g[:2], [m[0], m[0].view(1, 9, 5)]),
+     "momentum_buffers\\[1\\] and momentum_buffers\\[0\\]"),
+    ("grad is param", lambda p, g, m: (p[:1], [p[0]], m[:1]), "grads\\[0\\] and params\\[0\\]"),
     ("non-contiguous", lambda p, g, m: ([p[2].transpose(1, 2)], g[2:3], m[2:3]), "contiguous"),
 ]
 
@@ -139,3 +143,17 @@ def test_bad_coefficients_and_lr_are_named():
                                       FLAT, scales[:1], None, None)
     with pytest.raises(RuntimeError, match="newton_schulz: x must be a 3-D"):
         ops.newton_schulz(torch.randn(4, 4), FLAT)
+
+
+def test_nan_grads_without_found_inf_propagate_like_the_reference(seed):
+    """No silent skip: NaN grads (without GradScaler's found_inf) give NaN params, as in torch."""
+    params, grads, bufs, scales = _inputs(shapes=[(1, 5, 9), (1, 6, 6)])
+    grads[0].view(-1)[3] = float("nan")
+    _step(params, grads, bufs, scales)
+    assert torch.isnan(params[0]).all() and torch.isfinite(params[1]).all()
+    ref = [torch.randn(5, 9, dtype=torch.float64)]
+    g = torch.randn(5, 9, dtype=torch.float64)
+    g[0, 3] = float("nan")
+    muon_step_reference(ref, [g], [torch.zeros_like(g)], lr=0.05, momentum=0.9, nesterov=True,
+                        weight_decay=0.1, eps=1e-7, ns_coefficients=COEFFS, update_scales=[1.0])
+    assert torch.isnan(ref[0]).all()

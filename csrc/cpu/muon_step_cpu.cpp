@@ -74,9 +74,10 @@ at::Tensor newton_schulz_fp32(NsBuffers& buf, const std::vector<double>& coeffs)
 void normalize_(at::Tensor& x, const std::vector<double>& norms, double eps) {
   std::vector<float> inv(norms.size());
   for (size_t i = 0; i < norms.size(); ++i) {
-    // A zero matrix stays zero even with eps == 0 (0 / max(0, 0) would be NaN).
-    const double denom = std::max(norms[i], eps);
-    inv[i] = denom > 0.0 ? static_cast<float>(1.0 / denom) : 0.0f;
+    // A zero matrix stays zero even with eps == 0 (0 / max(0, 0) would be NaN). A NaN norm
+    // stays NaN (like the CUDA step and torch): NaN grads without found_inf must be visible.
+    const double denom = std::isnan(norms[i]) ? norms[i] : std::max(norms[i], eps);
+    inv[i] = denom == 0.0 ? 0.0f : static_cast<float>(1.0 / denom);
   }
   at::Tensor inv_t = at::from_blob(inv.data(), {static_cast<int64_t>(inv.size()), 1, 1},
                                    at::TensorOptions().dtype(at::kFloat))
