@@ -17,7 +17,6 @@ group, told apart by the ``use_muon`` flag each group carries:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -264,31 +263,27 @@ class MuonWithAdamW(Muon):
 
     # ------------------------------------------------------------------ the step
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):  # type: ignore[override]
-        """Performs a single optimization step: the Muon groups through the fused Muon step,
-        the AdamW groups through torch's AdamW. Nothing changes if any group fails its checks."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    # Muon.step runs every group's checks before any group's update and then steps each
+    # group; these two overrides send AdamW groups to their own check and update, so the
+    # hybrid inherits Muon.step (and torch's step hooks run once, as for any optimizer).
 
-        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
-        found_inf: Tensor | None = getattr(self, "found_inf", None)
+    def _check_group_for_step(self, group: dict[str, Any], index: int) -> None:
+        if group["use_muon"]:
+            super()._check_group_for_step(group, index)
+        else:
+            self._check_adamw_group_for_step(group, index)
 
-        for index, group in enumerate(self.param_groups):
-            if group["use_muon"]:
-                self._check_group_for_step(group, index)
-            else:
-                self._check_adamw_group_for_step(group, index)
-        self._check_capture(grad_scale, found_inf)  # as in Muon.step (NOTE: [CUDA graphs])
-
-        for index, group in enumerate(self.param_groups):
-            if group["use_muon"]:
-                self._step_group(index, group, grad_scale, found_inf)
-            else:
-                self._step_adamw_group(group, grad_scale, found_inf)
-        return loss
+    def _step_group(
+        self,
+        index: int,
+        group: dict[str, Any],
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> None:
+        if group["use_muon"]:
+            super()._step_group(index, group, grad_scale, found_inf)
+        else:
+            self._step_adamw_group(group, grad_scale, found_inf)
 
     def _check_group_for_capture(
         self,

@@ -332,7 +332,7 @@ class Muon(Optimizer):
         grad_scale: Tensor | None,
         found_inf: Tensor | None,
     ) -> None:
-        """Updates one (already checked) group; ``MuonWithAdamW`` calls it for its Muon groups."""
+        """Updates one (already checked) group; ``MuonWithAdamW`` overrides it to route AdamW groups."""
         # -- distributed hook: DTensor (FSDP2) params and distributed_mode="owner" -----------
         if _distributed.wanted(self, group):
             _distributed.step_group(self, index, group, grad_scale, found_inf)
