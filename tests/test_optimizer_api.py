@@ -169,8 +169,8 @@ def test_zero_grads_give_a_zero_update_not_nan(dtype):
         assert torch.isfinite(opt.state[p]["momentum_buffer"]).all()
 
 
-def test_tensor_lr_equals_float_lr_bit_for_bit():
-    shapes = [(7, 5), (5, 7), (2, 3, 4)]
+def test_tensor_lr_equals_float_lr():
+    shapes = [(7, 5), (5, 7), (2, 3, 4), (1, 9), (9, 1)]
     grads = [torch.randn(s) for s in shapes]
     init = [torch.randn(s) for s in shapes]
     results = []
@@ -181,11 +181,18 @@ def test_tensor_lr_equals_float_lr_bit_for_bit():
             p.grad = g.clone()
         opt.step()
         results.append([p.detach() for p in params])
-    # a float32 tensor holds float32(0.02): same as the float only if it is read at full width.
+    # A float64 tensor holds exactly the float's value: bit for bit.
     for a, b in zip(results[0], results[2]):
         assert torch.equal(a, b)
-    for a, b in zip(results[0], results[1]):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    # A float32 tensor holds float32(0.02), 2.2e-8 relative off. The step computes
+    # r = fl(fl(p * d) - fl(s * x)) with d = 1 - lr*wd and s = lr*scale rounded to fp32, each of
+    # which may move by one ulp; each of the three roundings may go the other way. So
+    # |dr| <= eps * (|p| + |s x|) + eps * (|p d| + |s x| + |r|) <= 4 eps (|p| + |r|), using
+    # |s x| <= |p| + |r|. (Measured worst over 1500 draws: about half of this bound.)
+    eps = torch.finfo(torch.float32).eps
+    for p0, a, b in zip(init, results[0], results[1]):
+        bound = 4 * eps * (p0.abs() + a.abs())
+        assert ((a - b).abs() <= bound).all(), ((a - b).abs() / bound).max()
 
 
 def test_repeated_steps_are_deterministic():
