@@ -97,17 +97,10 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
   // NOTE: [found_inf] the flag is read on the device; a set flag returns before anything is
   // written (no masking with (1 - found_inf): inf * 0 is NaN). Uniform over the grid.
   if (found_inf_set(scalars)) return;
-  const int64_t block = blockIdx.x;
-  const int slot = find_slot(table, block);
-  const int64_t local = block - table.block_start[slot];
-  const int64_t rows = table.rows[slot];
-  const int64_t cols = table.cols[slot];
-  const int64_t numel = rows * cols;
-  const int64_t chunks = norm_chunks_per_matrix(rows, cols);
-  const int64_t matrix = local / chunks;
-  const int64_t chunk = local - matrix * chunks;
-  const int64_t begin = matrix * numel + chunk * kNormChunk;
-  const int64_t remaining = numel - chunk * kNormChunk;
+  const BlockPlace at = locate_block(table, /*norm_chunks=*/true);
+  const int slot = at.slot;
+  const int64_t begin = at.matrix * at.numel + at.piece * kNormChunk;
+  const int64_t remaining = at.numel - at.piece * kNormChunk;
   const int64_t len = remaining < kNormChunk ? remaining : kNormChunk;
 
   const T* g = static_cast<const T*>(table.src[slot]) + begin;
@@ -116,7 +109,7 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
   const float acc = MomentumNormFunctor<T, kSource>{}(g, m, len, math);
   const float sum = block_sum(acc);
   // Partials of a tensor are laid out matrix-major like its blocks: partial_offset + local.
-  if (threadIdx.x == 0) partials[table.partial_offset[slot] + local] = sum;
+  if (threadIdx.x == 0) partials[table.partial_offset[slot] + at.local] = sum;
 }
 
 // ================================ phase 2 ================================
@@ -209,15 +202,10 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
     normalize_kernel(const __grid_constant__ SlotTable table,
                      const __grid_constant__ DeviceScalars scalars,
                      const float* __restrict__ partials) {
-  const int64_t block = blockIdx.x;
-  const int slot = find_slot(table, block);
-  const int64_t local = block - table.block_start[slot];
-  const int64_t rows = table.rows[slot];
-  const int64_t cols = table.cols[slot];
-  const int64_t numel = rows * cols;
-  const int64_t pieces = walk_blocks_per_matrix(rows, cols);
-  const int64_t matrix = local / pieces;
-  const int64_t piece = local - matrix * pieces;
+  const BlockPlace at = locate_block(table, /*norm_chunks=*/false);
+  const int slot = at.slot;
+  const int64_t rows = at.rows, cols = at.cols, numel = at.numel;
+  const int64_t matrix = at.matrix, piece = at.piece;
 
   // NOTE: [Deterministic norm] every block of a matrix sums the same partials with the same
   // thread mapping and the same block_sum, so all of them get the bit-identical norm.
@@ -337,15 +325,10 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
     write_back_kernel(const __grid_constant__ SlotTable table,
                       const __grid_constant__ DeviceScalars scalars) {
   if (found_inf_set(scalars)) return;  // see NOTE: [found_inf]
-  const int64_t block = blockIdx.x;
-  const int slot = find_slot(table, block);
-  const int64_t local = block - table.block_start[slot];
-  const int64_t rows = table.rows[slot];
-  const int64_t cols = table.cols[slot];
-  const int64_t numel = rows * cols;
-  const int64_t pieces = walk_blocks_per_matrix(rows, cols);
-  const int64_t matrix = local / pieces;
-  const int64_t piece = local - matrix * pieces;
+  const BlockPlace at = locate_block(table, /*norm_chunks=*/false);
+  const int slot = at.slot;
+  const int64_t rows = at.rows, cols = at.cols, numel = at.numel;
+  const int64_t matrix = at.matrix, piece = at.piece;
 
   WriteBackMath<kMode> op{1.f, 0.f};
   if constexpr (kMode == kApplyUpdate) {

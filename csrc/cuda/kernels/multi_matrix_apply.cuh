@@ -206,6 +206,35 @@ __device__ __forceinline__ int find_slot(const SlotTable& table, int64_t block) 
   return lo;
 }
 
+// Where a block of a multi-matrix launch works: its slot, that tensor's matrix shape, and which
+// matrix of the batch and which piece of it. The per-matrix block count must be the one the host
+// laid the launch out with: norm_chunks_per_matrix for phase 1, walk_blocks_per_matrix for
+// phases 2 and 4 (see the launch helpers in elementwise.cu).
+struct BlockPlace {
+  int slot;
+  int64_t local;  // block index within its slot (phase 1: also the partial's index)
+  int64_t rows;
+  int64_t cols;
+  int64_t numel;
+  int64_t matrix;
+  int64_t piece;
+};
+
+__device__ __forceinline__ BlockPlace locate_block(const SlotTable& table, bool norm_chunks) {
+  BlockPlace at;
+  const int64_t block = blockIdx.x;
+  at.slot = find_slot(table, block);
+  at.local = block - table.block_start[at.slot];
+  at.rows = table.rows[at.slot];
+  at.cols = table.cols[at.slot];
+  at.numel = at.rows * at.cols;
+  const int64_t pieces = norm_chunks ? norm_chunks_per_matrix(at.rows, at.cols)
+                                     : walk_blocks_per_matrix(at.rows, at.cols);
+  at.matrix = at.local / pieces;
+  at.piece = at.local - at.matrix * pieces;
+  return at;
+}
+
 // Launches kernel<<<blocks, kBlockSize, 0, stream>>>(args...). The host-emulation test build
 // (csrc/cuda/tests/host_emulation/) compiles these sources as plain C++ and supplies its own
 // launch_kernel that runs the blocks on CPU threads; that is the only hook it needs.
