@@ -193,15 +193,20 @@ def _suite_line(name: str, s: dict) -> str:
     )
 
 
-STEP_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
-    ("suite", lambda r: r["suite"]),
-    ("impl", lambda r: r["impl"]),
+# The timing columns both tables share, after each table's own leading columns.
+_TIMING_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("median ms", lambda r: _fmt_ms(r.get("median_ms"))),
     ("p20", lambda r: _fmt_ms(r.get("p20_ms"))),
     ("p80", lambda r: _fmt_ms(r.get("p80_ms"))),
     ("floor ms", lambda r: _fmt_ms(r.get("floor_ms"))),
     ("x floor", lambda r: _fmt_x(r.get("ratio_to_floor"))),
     ("x muon_ext", lambda r: _fmt_x(r.get("ratio_to_muon_ext"))),
+]
+
+STEP_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
+    ("suite", lambda r: r["suite"]),
+    ("impl", lambda r: r["impl"]),
+    *_TIMING_COLUMNS,
     ("upd diff", lambda r: _fmt_sci(r.get("update_rel_diff"))),
     ("note", lambda r: r.get("note", "")),
 ]
@@ -210,12 +215,7 @@ NS_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("case", lambda r: r["suite"]),
     ("preset", lambda r: r.get("preset", "")),
     ("impl", lambda r: r["impl"]),
-    ("median ms", lambda r: _fmt_ms(r.get("median_ms"))),
-    ("p20", lambda r: _fmt_ms(r.get("p20_ms"))),
-    ("p80", lambda r: _fmt_ms(r.get("p80_ms"))),
-    ("floor ms", lambda r: _fmt_ms(r.get("floor_ms"))),
-    ("x floor", lambda r: _fmt_x(r.get("ratio_to_floor"))),
-    ("x muon_ext", lambda r: _fmt_x(r.get("ratio_to_muon_ext"))),
+    *_TIMING_COLUMNS,
     ("max|s-1|", lambda r: "-" if r.get("max_sigma_err") is None else f"{r['max_sigma_err']:.3f}"),
     (
         "s range",
