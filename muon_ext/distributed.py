@@ -259,13 +259,10 @@ def _runtime(optimizer: Any) -> _Runtime:
 def _make_unit(
     index: int, pos: int, p: Tensor, group: dict[str, Any], owner: bool, default_pg: Any
 ) -> _Unit:
-    from .optim import FUSED_DTYPES, _fused_device_supported  # optim imports this module
+    from .optim import _takes_fused_step  # optim imports this module
 
     batch, rows, cols = matrix_shape(p.shape)
-    device = _local(p).device
-    fused = (
-        group["fused"] is not False and p.dtype in FUSED_DTYPES and _fused_device_supported(device)
-    )
+    fused = _takes_fused_step(_local(p), group)
     unit = _Unit(
         group_index=index,
         pos=pos,

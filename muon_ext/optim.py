@@ -260,7 +260,7 @@ class Muon(Optimizer):
                 buf = self.state.get(p, {}).get("momentum_buffer")
                 if buf is not None and (buf.shape != p.shape or buf.device != p.device):
                     raise RuntimeError(_momentum_mismatch(buf, p, what))
-            if group["fused"] and not (p.dtype in FUSED_DTYPES and _fused_device_supported(p.device)):
+            if group["fused"] and not _fused_supported(p):
                 raise RuntimeError(
                     f"fused=True but the fused step does not support {what} "
                     f"({p.dtype} on {p.device}); use fused=None to fall back automatically"
@@ -387,13 +387,14 @@ def _momentum_mismatch(buf: Tensor, p: Tensor, what: str) -> str:
     )
 
 
+def _fused_supported(p: Tensor) -> bool:
+    """Whether the built extension has a fused step for ``p``'s dtype and device."""
+    return p.dtype in FUSED_DTYPES and _fused_device_supported(p.device)
+
+
 def _takes_fused_step(p: Tensor, group: dict[str, Any]) -> bool:
     """Whether ``p`` is stepped by the fused op (else by ``_single_tensor_muon``)."""
-    return (
-        group["fused"] is not False
-        and p.dtype in FUSED_DTYPES
-        and _fused_device_supported(p.device)
-    )
+    return group["fused"] is not False and _fused_supported(p)
 
 
 def _capturable_problem(p: Tensor, group: dict[str, Any]) -> str | None:
@@ -610,7 +611,7 @@ def _validate_params(group: dict[str, Any], index: int) -> None:
             raise ValueError(f"Muon does not support complex parameters: {what}")
         if not p.is_floating_point():
             raise ValueError(f"Muon needs floating-point parameters: {what} is {p.dtype}")
-        if group["fused"] and not (p.dtype in FUSED_DTYPES and _fused_device_supported(p.device)):
+        if group["fused"] and not _fused_supported(p):
             raise ValueError(
                 f"fused=True but the fused step does not support {what} ({p.dtype} on "
                 f"{p.device}); build info: {__import__('muon_ext').build_info()}"
