@@ -1,5 +1,6 @@
 #include "muon_step_args.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <string>
@@ -133,6 +134,38 @@ std::vector<Bucket> make_buckets(at::TensorList params) {
     b.num_matrices += p.size(0);
   }
   return buckets;
+}
+
+int64_t resolve_workspace_limit(int64_t workspace_limit) {
+  if (workspace_limit == -1) return kDefaultWorkspaceLimit;
+  TORCH_CHECK(workspace_limit >= 1,
+              "workspace_limit must be a number of bytes >= 1, or -1 for the default (",
+              kDefaultWorkspaceLimit, "), got ", workspace_limit);
+  return workspace_limit;
+}
+
+ChunkPlan plan_chunks(const std::vector<Bucket>& buckets, int64_t workspace_limit,
+                      const std::function<int64_t(int64_t m, int64_t n)>& bytes_per_matrix) {
+  const int64_t limit = resolve_workspace_limit(workspace_limit);
+  ChunkPlan plan;
+  for (size_t k = 0; k < buckets.size(); ++k) {
+    const Bucket& b = buckets[k];
+    if (b.num_matrices == 0) continue;
+    const int64_t per = std::max<int64_t>(1, bytes_per_matrix(b.m, b.n));
+    const int64_t fit = std::max<int64_t>(1, std::min(b.num_matrices, limit / per));
+    // Balanced: ceil(N / fit) chunks of nearly equal size (never above `fit`), so the last
+    // chunk is not a lone small batch.
+    const int64_t num_chunks = (b.num_matrices + fit - 1) / fit;
+    const int64_t base = b.num_matrices / num_chunks, extra = b.num_matrices % num_chunks;
+    int64_t first = 0;
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      const int64_t count = base + (c < extra ? 1 : 0);
+      plan.chunks.push_back(Chunk{k, first, count});
+      plan.max_chunk_bytes = std::max(plan.max_chunk_bytes, count * per);
+      first += count;
+    }
+  }
+  return plan;
 }
 
 }  // namespace muon_ext

@@ -154,7 +154,8 @@ void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double eps, at::ArrayRef<double> ns_coefficients,
                     at::ArrayRef<double> update_scales,
                     const c10::optional<at::Tensor>& grad_scale,
-                    const c10::optional<at::Tensor>& found_inf) {
+                    const c10::optional<at::Tensor>& found_inf, int64_t workspace_limit) {
+  resolve_workspace_limit(workspace_limit);  // a bad limit is rejected before any work
   MuonStepArgs args{momentum,
                     nesterov,
                     weight_decay,
