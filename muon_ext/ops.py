@@ -14,7 +14,11 @@ from torch import Tensor
 
 from ._extension import extension_available, require_extension
 
-__all__ = ["muon_step_", "newton_schulz"]
+__all__ = ["DEFAULT_WORKSPACE_LIMIT", "muon_step_", "muon_step_workspace_bytes", "newton_schulz"]
+
+# Bytes of Newton-Schulz scratch a step may allocate unless told otherwise: 128 MiB (the
+# reasoning is in csrc/muon_step_args.h, NOTE: [Workspace budget]).
+DEFAULT_WORKSPACE_LIMIT = 128 << 20
 
 
 def muon_step_(
@@ -30,8 +34,13 @@ def muon_step_(
     update_scales: Sequence[float],
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    workspace_limit: int = -1,
 ) -> None:
-    """The fused Muon step on 3-D (batch, rows, cols) views; see csrc/muon_step_args.h."""
+    """The fused Muon step on 3-D (batch, rows, cols) views; see csrc/muon_step_args.h.
+
+    ``workspace_limit``: bytes of Newton-Schulz scratch the step may allocate (-1: the default,
+    :data:`DEFAULT_WORKSPACE_LIMIT`); buckets are orthogonalized in chunks that fit it.
+    """
     torch.ops.muon_ext.muon_step_(
         list(params),
         list(grads),
@@ -45,7 +54,14 @@ def muon_step_(
         [float(s) for s in update_scales],
         grad_scale,
         found_inf,
+        int(workspace_limit),
     )
+
+
+def muon_step_workspace_bytes(params: Sequence[Tensor], workspace_limit: int = -1) -> int:
+    """Bytes of scratch memory :func:`muon_step_` allocates for these 3-D views (no allocation)."""
+    require_extension()
+    return int(torch.ops.muon_ext.muon_step_workspace_bytes(list(params), int(workspace_limit)))
 
 
 def newton_schulz(x: Tensor, ns_coefficients: Sequence[float], eps: float = 1e-7) -> Tensor:
@@ -59,7 +75,7 @@ if extension_available():
     @torch.library.register_fake("muon_ext::muon_step_")
     def _muon_step_fake(
         params, grads, momentum_buffers, lr, momentum, nesterov, weight_decay, eps,
-        ns_coefficients, update_scales, grad_scale=None, found_inf=None,
+        ns_coefficients, update_scales, grad_scale=None, found_inf=None, workspace_limit=-1,
     ) -> None:
         return None
 

@@ -53,11 +53,19 @@ def _fused_device_supported(device: torch.device) -> bool:
 
 @dataclass
 class _Call:
-    """One fused call: tensors of a single device and dtype, in bucket order."""
+    """One fused call: tensors of a single device and dtype, in bucket order.
+
+    The 3-D views of the params and momentum buffers are made once, when the plan is built, and
+    reused while the params stay the same (NOTE: [Cached plan]); only the grads, new tensors
+    every backward, are viewed per step.
+    """
 
     indices: list[int]  # positions in the group's params-with-grad list
     update_scales: list[float]
     fused: bool
+    shapes: list[tuple[int, int, int]]  # the (batch, rows, cols) matrix view of each param
+    param_views: list[Tensor | None]  # None: non-contiguous, stepped through a copy
+    momentum_views: list[Tensor]
 
 
 def _bucket_key(shape: torch.Size) -> tuple[int, int]:
@@ -116,6 +124,12 @@ class Muon(Optimizer):
     * ``torch.compile(opt.step)`` traces the step as one graph with the fused op in it; a
       Tensor lr can change (``lr.fill_``, LR schedulers) without recompiling.
     * Momentum buffers of bf16/fp16 params are float32.
+    * ``workspace_limit`` (keyword-only, bytes): the most Newton-Schulz scratch memory one fused
+      call allocates; shape buckets are orthogonalized in chunks that fit it, so a step's extra
+      memory does not grow with the model. ``None`` is ``muon_ext.ops.DEFAULT_WORKSPACE_LIMIT``
+      (128 MiB). A single matrix whose scratch exceeds it is a chunk of its own. It may be
+      changed between steps (``opt.workspace_limit = ...``); ``opt.workspace_bytes()`` tells
+      what the next step will allocate. Chunking never changes results.
     """
 
     _step_supports_amp_scaling = True
@@ -136,7 +150,9 @@ class Muon(Optimizer):
         capturable: bool = False,
         distributed_mode: str | None = None,
         process_group: Any = None,
+        workspace_limit: int | None = None,
     ) -> None:
+        self.workspace_limit = _validate_workspace_limit(workspace_limit)
         # How the step runs, not hyperparameters: kept off param_groups, so checkpoints move
         # between single-process and distributed runs (and a ProcessGroup is never pickled).
         self.distributed_mode = _distributed.validate_mode(distributed_mode)
@@ -146,7 +162,7 @@ class Muon(Optimizer):
             fused=fused, capturable=capturable,
         )
         _validate_hyperparameters(defaults, where="Muon")
-        self._plans: dict[int, tuple[tuple, list[_Call]]] = {}
+        self._plans: dict[int, tuple[tuple, list[Tensor], list[_Call]]] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -167,6 +183,7 @@ class Muon(Optimizer):
         self._plans = {}
         self.__dict__.setdefault("distributed_mode", None)
         self.__dict__.setdefault("process_group", None)
+        self.__dict__.setdefault("workspace_limit", None)
         for group in self.param_groups:
             group.setdefault("fused", None)
             group.setdefault("capturable", False)
@@ -236,8 +253,35 @@ class Muon(Optimizer):
             momentum_buffers.append(buf)
 
     def _check_group_for_step(self, group: dict[str, Any], index: int) -> None:
-        """Everything that could make the step fail, checked before any state is touched."""
+        """Everything that could make the step fail, checked before any state is touched.
+
+        Per step only the grads are looked at (one cheap comparison per param); the checks of
+        the params and their state run again only when the cached plan is stale
+        (NOTE: [Cached plan]).
+        """
         _validate_hyperparameters(group, where=f"param_groups[{index}]", check_tensor_value=False)
+        cached = self._plans.get(index)
+        ps = []
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            ps.append(p)
+            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or g.is_sparse:
+                self._check_params_for_step(group, index)  # raises, naming the param
+        fresh = (
+            cached is not None
+            and not torch.compiler.is_compiling()
+            and cached[0][0] == tuple(map(id, ps))
+            and cached[0][2:] == (group["adjust_lr_fn"], group["fused"], group["capturable"])
+            and _same_buffers(cached[1], self.state, ps)
+            and not _distributed.wanted(self, group)
+        )
+        if not fresh:
+            self._check_params_for_step(group, index)
+
+    def _check_params_for_step(self, group: dict[str, Any], index: int) -> None:
+        """The per-param checks, with errors that name the parameter."""
         names = group.get("param_names")
         for pos, p in enumerate(group["params"]):
             g = p.grad
@@ -338,46 +382,116 @@ class Muon(Optimizer):
             _distributed.step_group(self, index, group, grad_scale, found_inf)
             return
         # -- end distributed hook -------------------------------------------------------------
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        bufs: list[Tensor] = []
-        self._init_group(group, params, grads, bufs)
-        if not params:
-            return
+        if torch.compiler.is_compiling():
+            # Dynamo needs state made in _init_group, which it runs eagerly while tracing; the
+            # plan is then rebuilt during tracing and folded into the graph as constants.
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            bufs: list[Tensor] = []
+            self._init_group(group, params, grads, bufs)
+            if not params:
+                return
+            calls = _make_calls(group, params, bufs)
+        else:
+            params, grads = _params_with_grads(group)
+            if not params:
+                return
+            calls = self._plan(index, group, params)
         schedule = resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
-        for call in self._plan(index, group, params):
-            _run_call(call, group, schedule, params, grads, bufs, grad_scale, found_inf)
+        for call in calls:
+            _run_call(call, group, schedule, params, grads, grad_scale, found_inf,
+                      self.workspace_limit)
 
+    # NOTE: [Cached plan]
+    # A step's host work must grow with groups and shape buckets, not parameters. Everything
+    # that depends only on which params have grads (their state, matrix views, scales, which
+    # fused call takes them, the one-time state checks) is made once and reused while the key
+    # below stays the same: the params' identities and storage (a `p.data = ...` swap changes
+    # it), the group's rules, and the momentum buffers' identities. Per step, Python only
+    # collects the grads and views them; the op checks the grads in C++ before any write.
     def _plan(self, index: int, group: dict[str, Any], params: list[Tensor]) -> list[_Call]:
         """Which fused calls a group's step makes; cached while its params and rules stay put."""
+        state = self.state
         key = (
-            tuple(id(p) for p in params),
-            tuple((p.shape, p.dtype, p.device) for p in params),
+            tuple(map(id, params)),
+            tuple(p.data_ptr() for p in params),
             group["adjust_lr_fn"],
             group["fused"],
+            group["capturable"],
         )
-        # Under torch.compile the plan is rebuilt while tracing and folded into the graph as
-        # constants: reading or filling the cache there would make Dynamo guard on the dict
-        # (a recompile after the first call, when the cache changed under it).
-        compiling = torch.compiler.is_compiling()
-        cached = None if compiling else self._plans.get(index)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        partitions: dict[tuple, list[int]] = {}
-        for i, p in enumerate(params):
-            fused = _takes_fused_step(p, group)
-            partitions.setdefault((p.device, p.dtype, fused), []).append(i)
-        calls = []
-        for (_, _, fused), idx in partitions.items():
-            # Same-shape matrices next to each other: the op's buckets are then contiguous runs.
-            idx.sort(key=lambda i: _bucket_key(params[i].shape))
-            scales = [
-                update_scale(*matrix_shape(params[i].shape)[1:], group["adjust_lr_fn"]) for i in idx
-            ]
-            calls.append(_Call(idx, scales, fused))
-        if not compiling:
-            self._plans[index] = (key, calls)
+        cached = self._plans.get(index)
+        if cached is not None and cached[0] == key and _same_buffers(cached[1], state, params):
+            return cached[2]
+        bufs = []
+        for p in params:
+            st = state[p]
+            buf = st.get("momentum_buffer")
+            if buf is None:
+                st["momentum_buffer"] = buf = torch.zeros_like(
+                    p, dtype=momentum_dtype(p), memory_format=torch.contiguous_format
+                )
+            bufs.append(buf)
+        calls = _make_calls(group, params, bufs)
+        self._plans[index] = (key, bufs, calls)
         return calls
+
+    def workspace_bytes(self) -> int:
+        """Scratch bytes the next step's largest fused call allocates (params with grads now;
+        all params if none has a grad yet). Shapes only: nothing is allocated or read."""
+        most = 0
+        for group in self.param_groups:
+            if "use_muon" in group and not group["use_muon"]:
+                continue
+            params = [p for p in group["params"] if p.grad is not None] or list(group["params"])
+            parts: dict[tuple, list[Tensor]] = {}
+            for p in params:
+                if _takes_fused_step(p, group):
+                    # A stride-0 expansion of one element: the op reads only shapes.
+                    probe = torch.empty((), dtype=p.dtype, device=p.device).expand(
+                        matrix_shape(p.shape)
+                    )
+                    parts.setdefault((p.device, p.dtype), []).append(probe)
+            limit = -1 if self.workspace_limit is None else self.workspace_limit
+            for probes in parts.values():
+                most = max(most, ops.muon_step_workspace_bytes(probes, limit))
+        return most
+
+
+def _params_with_grads(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+    params, grads = [], []
+    for p in group["params"]:
+        g = p.grad
+        if g is not None:
+            params.append(p)
+            grads.append(g)
+    return params, grads
+
+
+def _same_buffers(bufs: list[Tensor], state: Any, params: list[Tensor]) -> bool:
+    """Whether the cached momentum buffers are still the params' state (a user may replace it)."""
+    return all(state[p].get("momentum_buffer") is b for p, b in zip(params, bufs))
+
+
+def _make_calls(group: dict[str, Any], params: list[Tensor], bufs: list[Tensor]) -> list[_Call]:
+    """Partitions a group's params by (device, dtype, fused) into calls, with their views."""
+    partitions: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        fused = _takes_fused_step(p, group)
+        partitions.setdefault((p.device, p.dtype, fused), []).append(i)
+    calls = []
+    for (_, _, fused), idx in partitions.items():
+        # Same-shape matrices next to each other: the op's buckets are then contiguous runs.
+        idx.sort(key=lambda i: _bucket_key(params[i].shape))
+        shapes = [matrix_shape(params[i].shape) for i in idx]
+        scales = [update_scale(rows, cols, group["adjust_lr_fn"]) for _, rows, cols in shapes]
+        param_views: list[Tensor | None] = []
+        momentum_views: list[Tensor] = []
+        for i, shape in zip(idx, shapes):
+            p, b = params[i], bufs[i]
+            param_views.append(p.view(shape) if p.is_contiguous() else None)
+            momentum_views.append(b.view(shape) if fused else b)
+        calls.append(_Call(idx, scales, fused, shapes, param_views, momentum_views))
+    return calls
 
 
 def _momentum_mismatch(buf: Tensor, p: Tensor, what: str) -> str:
@@ -486,23 +600,28 @@ def _run_call(
     schedule: list[tuple[float, float, float]],
     params: list[Tensor],
     grads: list[Tensor],
-    bufs: list[Tensor],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    workspace_limit: int | None = None,
 ) -> None:
     ps = [params[i] for i in call.indices]
     gs = [grads[i] for i in call.indices]
-    ms = [bufs[i] for i in call.indices]
     if not call.fused:
-        _single_tensor_muon(ps, gs, ms, group, schedule, call.update_scales, grad_scale, found_inf)
+        _single_tensor_muon(
+            ps, gs, call.momentum_views, group, schedule, call.update_scales, grad_scale, found_inf
+        )
         return
     device = ps[0].device
     # Non-contiguous params (e.g. channels_last convs) are updated through a contiguous copy.
-    work = [p if p.is_contiguous() else p.contiguous() for p in ps]
+    work = [
+        v if v is not None else p.contiguous().view(shape)
+        for v, p, shape in zip(call.param_views, ps, call.shapes)
+    ]
     ops.muon_step_(
-        [w.view(matrix_shape(w.shape)) for w in work],
-        [g.contiguous().view(matrix_shape(g.shape)) for g in gs],
-        [m.view(matrix_shape(m.shape)) for m in ms],
+        work,
+        [g.view(shape) if g.is_contiguous() else g.contiguous().view(shape)
+         for g, shape in zip(gs, call.shapes)],
+        call.momentum_views,
         _lr_tensor(group["lr"], device),
         group["momentum"],
         group["nesterov"],
@@ -512,10 +631,11 @@ def _run_call(
         call.update_scales,
         None if grad_scale is None else _scalar_on(grad_scale, device),
         None if found_inf is None else _scalar_on(found_inf, device),
+        -1 if workspace_limit is None else workspace_limit,
     )
-    for p, w in zip(ps, work):
-        if w is not p:
-            p.copy_(w)
+    for v, p, w in zip(call.param_views, ps, work):
+        if v is None:
+            p.copy_(w.view(p.shape))
 
 
 def _single_tensor_muon(
@@ -618,6 +738,17 @@ def _validate_params(group: dict[str, Any], index: int) -> None:
             )
         if group["capturable"] and (problem := _capturable_problem(p, group)):
             raise ValueError(f"capturable=True but {what} {problem}")
+
+
+def _validate_workspace_limit(limit: Any) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(
+            f"workspace_limit must be None (the default, {ops.DEFAULT_WORKSPACE_LIMIT} bytes) or "
+            f"a number of bytes >= 1, got {limit!r}"
+        )
+    return limit
 
 
 def _is_real(v: Any) -> bool:

@@ -222,7 +222,7 @@ def test_plan_is_built_once_and_rebuilt_when_grads_change():
     params[1].grad = None
     opt.step()
     assert opt._plans[0] is not plan
-    (call,) = opt._plans[0][1]
+    (call,) = opt._plans[0][2]
     assert len(call.indices) == 2
 
 

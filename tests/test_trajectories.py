@@ -67,7 +67,7 @@ def test_fused_matches_float64_reference(seed, dtype, nesterov, adjust_lr_fn):
     shapes = list(SHAPES.values())
     params0, grads = _make(shapes, dtype)
     ours, our_bufs, opt = _run_muon(params0, grads, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn)
-    assert all(call.fused for call in opt._plans[0][1]), "the fused CPU step was not used"
+    assert all(call.fused for call in opt._plans[0][2]), "the fused CPU step was not used"
     oracle, oracle_bufs = _oracle(
         params0, grads, nesterov=nesterov, adjust_lr_fn=adjust_lr_fn,
         compute_dtype=torch.float64, ns_dtype=torch.float64, param_dtype=None,
@@ -113,7 +113,7 @@ def test_several_param_groups_use_their_own_hyperparameters(seed):
 def test_float64_params_use_the_pure_pytorch_path(seed):
     params0, grads = _make([(12, 7), (5, 9)], torch.float64)
     ours, bufs, opt = _run_muon(params0, grads)
-    assert not any(call.fused for call in opt._plans[0][1])
+    assert not any(call.fused for call in opt._plans[0][2])
     assert all(b.dtype == torch.float64 for b in bufs)
     oracle, _ = _oracle(params0, grads, nesterov=True, adjust_lr_fn=None,
                         compute_dtype=torch.float64, ns_dtype=torch.float64, param_dtype=None)

@@ -1,8 +1,9 @@
 // CPU implementation of the fused Muon step and of Newton-Schulz alone.
 //
 // All matrices of a call are processed together: one parallel elementwise pass for
-// momentum + sum of squares, one ATen scale per bucket for the normalization, fp32 batched
-// matmuls per shape bucket for Newton-Schulz, one parallel pass for the update.
+// momentum + sum of squares over every matrix; then, chunk by chunk of each shape bucket in
+// one reused workspace (NOTE: [Workspace budget] in muon_step_args.h), a parallel pass that
+// fills the normalized U, fp32 batched matmuls for Newton-Schulz, and a parallel update pass.
 //
 // NOTE: [fp32 Newton-Schulz on CPU]
 // torch.optim.Muon orthogonalizes in bf16. On CPU a bf16 matmul runs about 100x slower than
@@ -15,6 +16,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "muon_step_args.h"
@@ -34,11 +37,12 @@ struct WorkItem {
   int64_t matrix;  // index of the matrix inside the tensor's batch
   int64_t begin;   // element range [begin, end) within the matrix (row-major, param orientation)
   int64_t end;
-  int64_t ws_matrix;  // index of the matrix inside its bucket workspace
-  int64_t bucket;
+  int64_t bucket_matrix;  // index of the matrix in its bucket's order (see Chunk)
 };
 
-// The fp32 buffers of one bucket's Newton-Schulz: X ping-pongs with x_next; a, b are Gram-sized.
+// The fp32 buffers of one chunk's Newton-Schulz: X ping-pongs with x_next; a, b are Gram-sized.
+// Views into one workspace (NOTE: [Workspace budget]); an NsBuffers of its own for the
+// newton_schulz op, which returns a fresh tensor anyway.
 struct NsBuffers {
   at::Tensor x;  // (batch, m, n): U, normalized, then iterated
   at::Tensor x_next;
@@ -50,65 +54,87 @@ struct NsBuffers {
         x_next(at::empty({batch, m, n}, opts)),
         a(at::empty({batch, m, m}, opts)),
         b(at::empty({batch, m, m}, opts)) {}
+
+  // Carves the buffers of a (batch, m, n) chunk out of the front of `workspace` (fp32).
+  NsBuffers(const at::Tensor& workspace, int64_t batch, int64_t m, int64_t n) {
+    const int64_t xn = batch * m * n, an = batch * m * m;
+    x = workspace.narrow(0, 0, xn).view({batch, m, n});
+    x_next = workspace.narrow(0, xn, xn).view({batch, m, n});
+    a = workspace.narrow(0, 2 * xn, an).view({batch, m, m});
+    b = workspace.narrow(0, 2 * xn + an, an).view({batch, m, m});
+  }
 };
 
-struct BucketWork {
-  Bucket bucket;
-  NsBuffers ns;
-};
+// Scratch bytes of one m x n matrix on the CPU: X, X_next (m x n) and A, B (m x m), fp32.
+int64_t cpu_bytes_per_matrix(int64_t m, int64_t n) {
+  return static_cast<int64_t>(sizeof(float)) * (2 * m * n + 2 * m * m);
+}
 
 // Iterates buf.x in fp32 and returns the buffer holding the result (x or x_next).
 // The out-variants never alias their inputs: A, B and the two X buffers are distinct.
 at::Tensor newton_schulz_fp32(NsBuffers& buf, const std::vector<double>& coeffs) {
   at::Tensor x = buf.x, x_next = buf.x_next, a = buf.a, b = buf.b;
   for (size_t k = 0; k + 2 < coeffs.size(); k += 3) {
-    at::bmm_out(a, x, x.transpose(1, 2));                                      // A = X Xᵀ
+    at::bmm_out(a, x, x.transpose(1, 2));                                          // A = X Xᵀ
     at::baddbmm_out(b, a, a, a, /*beta=*/coeffs[k + 1], /*alpha=*/coeffs[k + 2]);  // bA + cA²
-    at::baddbmm_out(x_next, x, b, x, /*beta=*/coeffs[k], /*alpha=*/1.0);        // aX + BX
+    at::baddbmm_out(x_next, x, b, x, /*beta=*/coeffs[k], /*alpha=*/1.0);           // aX + BX
     std::swap(x, x_next);
   }
   return x;
 }
 
+// 1 / max(||U||_F, eps) per matrix. A zero matrix stays zero even with eps == 0 (0 / max(0, 0)
+// would be NaN). A NaN norm stays NaN (like the CUDA step and torch): NaN grads without
+// found_inf must be visible.
+float inverse_norm(double norm, double eps) {
+  const double denom = std::isnan(norm) ? norm : std::max(norm, eps);
+  return denom == 0.0 ? 0.0f : static_cast<float>(1.0 / denom);
+}
+
 // Scales every matrix of a (B, m, n) fp32 tensor by 1 / max(||X_b||_F, eps), given its norms.
 void normalize_(at::Tensor& x, const std::vector<double>& norms, double eps) {
   std::vector<float> inv(norms.size());
-  for (size_t i = 0; i < norms.size(); ++i) {
-    // A zero matrix stays zero even with eps == 0 (0 / max(0, 0) would be NaN). A NaN norm
-    // stays NaN (like the CUDA step and torch): NaN grads without found_inf must be visible.
-    const double denom = std::isnan(norms[i]) ? norms[i] : std::max(norms[i], eps);
-    inv[i] = denom == 0.0 ? 0.0f : static_cast<float>(1.0 / denom);
-  }
+  for (size_t i = 0; i < norms.size(); ++i) inv[i] = inverse_norm(norms[i], eps);
   at::Tensor inv_t = at::from_blob(inv.data(), {static_cast<int64_t>(inv.size()), 1, 1},
                                    at::TensorOptions().dtype(at::kFloat))
                          .clone();
   x.mul_(inv_t);
 }
 
+// The scalars every elementwise pass needs.
+struct PassScalars {
+  float one_minus_beta;
+  float beta;
+  bool nesterov;
+  float inv_grad_scale;
+
+  // U from the grad and the (already updated) momentum. Phase 1 and the chunk fill evaluate the
+  // same expression on the same floats, so the norm of phase 1 is the norm of what is filled.
+  float direction(float g, float m) const {
+    const float gf = g * inv_grad_scale;
+    return nesterov ? gf + beta * (m - gf) : m;
+  }
+};
+
+// Phase 1: M = lerp(M, G / s, 1 - beta) and each item's sum of squares of U (in double, in
+// index order: NOTE: [Deterministic reduction]). Writes only the momentum.
 template <typename scalar_t>
 void momentum_pass(const std::vector<WorkItem>& items, at::TensorList grads,
-                   at::TensorList momentum_buffers, const std::vector<BucketWork>& work, double beta,
-                   bool nesterov, float inv_grad_scale, std::vector<double>& partial) {
-  const float one_minus_beta = static_cast<float>(1.0 - beta);
-  const float beta_f = static_cast<float>(beta);
+                   at::TensorList momentum_buffers, const PassScalars& sc,
+                   std::vector<double>& partial) {
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t w = lo; w < hi; ++w) {
       const WorkItem& it = items[w];
       const at::Tensor& g_t = grads[it.tensor];
-      const int64_t rows = g_t.size(1), cols = g_t.size(2), numel = rows * cols;
-      const bool tall = rows > cols;
+      const int64_t numel = g_t.size(1) * g_t.size(2);
       const scalar_t* g = g_t.const_data_ptr<scalar_t>() + it.matrix * numel;
       float* mom = momentum_buffers[it.tensor].data_ptr<float>() + it.matrix * numel;
-      float* ws = work[it.bucket].ns.x.data_ptr<float>() + it.ws_matrix * numel;
       double acc = 0.0;
       for (int64_t e = it.begin; e < it.end; ++e) {
-        const float gf = static_cast<float>(g[e]) * inv_grad_scale;
-        const float mf = mom[e] + one_minus_beta * (gf - mom[e]);
+        const float gf = static_cast<float>(g[e]) * sc.inv_grad_scale;
+        const float mf = mom[e] + sc.one_minus_beta * (gf - mom[e]);
         mom[e] = mf;
-        const float u = nesterov ? gf + beta_f * (mf - gf) : mf;
-        // Tall matrices go to the workspace transposed: U[i][j] -> X[j][i] (X is cols x rows).
-        const int64_t dst = tall ? (e % cols) * rows + e / cols : e;
-        ws[dst] = u;
+        const float u = sc.direction(static_cast<float>(g[e]), mf);
         acc += static_cast<double>(u) * static_cast<double>(u);
       }
       partial[w] = acc;
@@ -116,12 +142,37 @@ void momentum_pass(const std::vector<WorkItem>& items, at::TensorList grads,
   });
 }
 
+// Phase 2 fill: X = U / max(||U||, eps) of a chunk's matrices into its workspace, tall
+// matrices transposed (U[i][j] -> X[j][i], X is cols x rows).
 template <typename scalar_t>
-void update_pass(const std::vector<WorkItem>& items, at::TensorList params,
-                 const std::vector<BucketWork>& work, const std::vector<at::Tensor>& results,
-                 double lr, double weight_decay, const std::vector<double>& scales) {
+void fill_pass(const WorkItem* items, int64_t num_items, int64_t chunk_first,
+               at::TensorList grads, at::TensorList momentum_buffers, const PassScalars& sc,
+               const std::vector<float>& inv_norm, float* ws) {
+  at::parallel_for(0, num_items, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t w = lo; w < hi; ++w) {
+      const WorkItem& it = items[w];
+      const at::Tensor& g_t = grads[it.tensor];
+      const int64_t rows = g_t.size(1), cols = g_t.size(2), numel = rows * cols;
+      const bool tall = rows > cols;
+      const scalar_t* g = g_t.const_data_ptr<scalar_t>() + it.matrix * numel;
+      const float* mom = momentum_buffers[it.tensor].const_data_ptr<float>() + it.matrix * numel;
+      float* x = ws + (it.bucket_matrix - chunk_first) * numel;
+      const float inv = inv_norm[it.bucket_matrix];
+      for (int64_t e = it.begin; e < it.end; ++e) {
+        const int64_t dst = tall ? (e % cols) * rows + e / cols : e;
+        x[dst] = sc.direction(static_cast<float>(g[e]), mom[e]) * inv;
+      }
+    }
+  });
+}
+
+// Phase 4: P = P (1 - lr wd) - lr scale X for a chunk's matrices, in fp32, rounded once.
+template <typename scalar_t>
+void update_pass(const WorkItem* items, int64_t num_items, int64_t chunk_first,
+                 at::TensorList params, const float* result, double lr, double weight_decay,
+                 const std::vector<double>& scales) {
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
-  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, num_items, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t w = lo; w < hi; ++w) {
       const WorkItem& it = items[w];
       const at::Tensor& p_t = params[it.tensor];
@@ -129,7 +180,7 @@ void update_pass(const std::vector<WorkItem>& items, at::TensorList params,
       const bool tall = rows > cols;
       const float step = static_cast<float>(lr * scales[it.tensor]);
       scalar_t* p = p_t.data_ptr<scalar_t>() + it.matrix * numel;
-      const float* x = results[it.bucket].const_data_ptr<float>() + it.ws_matrix * numel;
+      const float* x = result + (it.bucket_matrix - chunk_first) * numel;
       for (int64_t e = it.begin; e < it.end; ++e) {
         const int64_t src = tall ? (e % cols) * rows + e / cols : e;
         p[e] = static_cast<scalar_t>(static_cast<float>(p[e]) * decay - step * x[src]);
@@ -138,71 +189,115 @@ void update_pass(const std::vector<WorkItem>& items, at::TensorList params,
   });
 }
 
+// The parallel work of a call: every matrix cut into kBlock-element items, bucket by bucket in
+// bucket order, so a chunk's items are one contiguous run.
+struct StepItems {
+  std::vector<WorkItem> items;
+  std::vector<std::vector<int64_t>> matrix_first_item;  // per bucket: first item of each matrix,
+                                                        // plus one past the end
+};
+
+StepItems make_items(at::TensorList params, const std::vector<Bucket>& buckets) {
+  StepItems s;
+  for (const Bucket& b : buckets) {
+    std::vector<int64_t> firsts;
+    int64_t bucket_matrix = 0;
+    for (int64_t t : b.tensors) {
+      const int64_t numel = params[t].size(1) * params[t].size(2);
+      for (int64_t mat = 0; mat < params[t].size(0); ++mat, ++bucket_matrix) {
+        firsts.push_back(static_cast<int64_t>(s.items.size()));
+        for (int64_t begin = 0; begin < numel; begin += kBlock) {
+          s.items.push_back(WorkItem{t, mat, begin, std::min(numel, begin + kBlock), bucket_matrix});
+        }
+      }
+    }
+    firsts.push_back(static_cast<int64_t>(s.items.size()));
+    s.matrix_first_item.push_back(std::move(firsts));
+  }
+  return s;
+}
+
+// Bytes the step allocates: the largest chunk's scratch plus the per-item partial sums.
+int64_t planned_bytes(const ChunkPlan& plan, int64_t num_items) {
+  return plan.max_chunk_bytes + num_items * static_cast<int64_t>(sizeof(double));
+}
+
+// NOTE: [Fault injection]
+// MUON_EXT_TEST_FAIL_BEFORE_WRITE=1 makes the step throw after everything that can fail has been
+// done (plan, allocations) and before the first write: tests use it to show that a failed step
+// changes nothing. Read per call (getenv is cheap next to a step).
+void maybe_inject_failure(const char* op) {
+  const char* v = std::getenv("MUON_EXT_TEST_FAIL_BEFORE_WRITE");
+  TORCH_CHECK(v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0, op,
+              ": failure injected before the first write (MUON_EXT_TEST_FAIL_BEFORE_WRITE)");
+}
+
 void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                    const at::Tensor& lr, double momentum, bool nesterov, double weight_decay,
                    double eps, at::ArrayRef<double> ns_coefficients,
                    at::ArrayRef<double> update_scales, const c10::optional<at::Tensor>& grad_scale,
-                   const c10::optional<at::Tensor>& found_inf) {
+                   const c10::optional<at::Tensor>& found_inf, int64_t workspace_limit) {
   const MuonStepArgs args{momentum, nesterov, weight_decay, eps, ns_coefficients.vec(),
                           update_scales.vec()};
   check_muon_step_args(params, grads, momentum_buffers, lr, args, grad_scale, found_inf,
                        c10::DeviceType::CPU);
+  resolve_workspace_limit(workspace_limit);
   if (params.empty()) return;
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;  // skip: nothing changes
   const double lr_value = lr.item<double>();
-  const float inv_grad_scale =
-      grad_scale.has_value() ? static_cast<float>(1.0 / grad_scale->item<double>()) : 1.0f;
+  const PassScalars sc{
+      static_cast<float>(1.0 - momentum), static_cast<float>(momentum), nesterov,
+      grad_scale.has_value() ? static_cast<float>(1.0 / grad_scale->item<double>()) : 1.0f};
 
-  // Plan the call: buckets, their workspaces (allocated before anything is written, so an
-  // allocation failure leaves params and momentum untouched), and the parallel work items.
-  std::vector<BucketWork> work;
-  std::vector<WorkItem> items;
-  std::vector<std::pair<int64_t, int64_t>> matrix_range;  // per workspace matrix: its items
-  const auto fp32 = params[0].options().dtype(at::kFloat);
-  for (Bucket& b : make_buckets(params)) {
-    BucketWork bw{b, NsBuffers(b.num_matrices, b.m, b.n, fp32)};
-    int64_t ws = 0;
-    for (int64_t t : b.tensors) {
-      const int64_t numel = params[t].size(1) * params[t].size(2);
-      for (int64_t mat = 0; mat < params[t].size(0); ++mat, ++ws) {
-        const int64_t first = static_cast<int64_t>(items.size());
-        for (int64_t begin = 0; begin < numel; begin += kBlock) {
-          items.push_back(WorkItem{t, mat, begin, std::min(numel, begin + kBlock), ws,
-                                   static_cast<int64_t>(work.size())});
-        }
-        matrix_range.emplace_back(first, static_cast<int64_t>(items.size()));
+  // Plan the call and allocate everything before anything is written, so a failure here
+  // (an allocation, a bad plan) leaves params and momentum untouched.
+  const std::vector<Bucket> buckets = make_buckets(params);
+  const ChunkPlan plan = plan_chunks(buckets, workspace_limit, cpu_bytes_per_matrix);
+  const StepItems s = make_items(params, buckets);
+  std::vector<double> partial(s.items.size(), 0.0);
+  const at::Tensor workspace =
+      at::empty({plan.max_chunk_bytes / static_cast<int64_t>(sizeof(float))},
+                params[0].options().dtype(at::kFloat));
+  std::vector<std::vector<float>> inv_norms(buckets.size());
+  for (size_t k = 0; k < buckets.size(); ++k) inv_norms[k].resize(buckets[k].num_matrices);
+  maybe_inject_failure("muon_step_");
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(),
+                                  "muon_step_cpu", [&] {
+    momentum_pass<scalar_t>(s.items, grads, momentum_buffers, sc, partial);
+    for (size_t k = 0; k < buckets.size(); ++k) {
+      const std::vector<int64_t>& firsts = s.matrix_first_item[k];
+      for (int64_t i = 0; i < buckets[k].num_matrices; ++i) {
+        double sum = 0.0;  // block sums in block order: NOTE: [Deterministic reduction]
+        for (int64_t w = firsts[i]; w < firsts[i + 1]; ++w) sum += partial[w];
+        inv_norms[k][i] = inverse_norm(std::sqrt(sum), eps);
       }
     }
-    work.push_back(std::move(bw));
-  }
-  std::vector<double> partial(items.size(), 0.0);
-
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(),
-                                  "muon_step_cpu_momentum", [&] {
-                                    momentum_pass<scalar_t>(items, grads, momentum_buffers, work,
-                                                            momentum, nesterov, inv_grad_scale,
-                                                            partial);
-                                  });
-
-  std::vector<at::Tensor> results;
-  size_t next_matrix = 0;
-  for (BucketWork& bw : work) {
-    std::vector<double> norms(bw.bucket.num_matrices);
-    for (double& norm : norms) {
-      const auto [first, last] = matrix_range[next_matrix++];
-      double sum = 0.0;
-      for (int64_t w = first; w < last; ++w) sum += partial[w];
-      norm = std::sqrt(sum);
+    // Phases 2-4 chunk by chunk in one reused workspace (NOTE: [Workspace budget]). Every
+    // matrix's GEMMs are the same whatever the chunk, so chunking does not change results.
+    for (const Chunk& c : plan.chunks) {
+      const Bucket& b = buckets[c.bucket];
+      const std::vector<int64_t>& firsts = s.matrix_first_item[c.bucket];
+      const WorkItem* items = s.items.data() + firsts[c.first];
+      const int64_t num_items = firsts[c.first + c.count] - firsts[c.first];
+      NsBuffers buf(workspace, c.count, b.m, b.n);
+      fill_pass<scalar_t>(items, num_items, c.first, grads, momentum_buffers, sc,
+                          inv_norms[c.bucket], buf.x.data_ptr<float>());
+      const at::Tensor result = newton_schulz_fp32(buf, args.ns_coefficients);
+      update_pass<scalar_t>(items, num_items, c.first, params, result.const_data_ptr<float>(),
+                            lr_value, weight_decay, args.update_scales);
     }
-    normalize_(bw.ns.x, norms, eps);
-    results.push_back(newton_schulz_fp32(bw.ns, args.ns_coefficients));
-  }
+  });
+}
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(),
-                                  "muon_step_cpu_update", [&] {
-                                    update_pass<scalar_t>(items, params, work, results, lr_value,
-                                                          weight_decay, args.update_scales);
-                                  });
+int64_t muon_step_workspace_bytes_cpu(at::TensorList params, int64_t workspace_limit) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].dim() == 3, "muon_step_workspace_bytes: params[", i,
+                "] must be a 3-D (batch, rows, cols) view, got shape ", params[i].sizes());
+  }
+  const std::vector<Bucket> buckets = make_buckets(params);
+  const ChunkPlan plan = plan_chunks(buckets, workspace_limit, cpu_bytes_per_matrix);
+  return planned_bytes(plan, static_cast<int64_t>(make_items(params, buckets).items.size()));
 }
 
 at::Tensor newton_schulz_cpu(const at::Tensor& x, at::ArrayRef<double> ns_coefficients,
@@ -232,6 +327,7 @@ at::Tensor newton_schulz_cpu(const at::Tensor& x, at::ArrayRef<double> ns_coeffi
 TORCH_LIBRARY_IMPL(muon_ext, CPU, m) {
   m.impl("muon_step_", &muon_step_cpu);
   m.impl("newton_schulz", &newton_schulz_cpu);
+  m.impl("muon_step_workspace_bytes", &muon_step_workspace_bytes_cpu);
 }
 
 }  // namespace muon_ext
