@@ -28,14 +28,19 @@ void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Device
 // tensor the step writes (params, momentum) must own its storage among all the step's
 // tensors; grads are only read, so grads may share storage with each other. O(n) with a map.
 void check_no_aliasing(at::TensorList params, at::TensorList grads, at::TensorList momentum) {
-  std::unordered_map<const void*, std::string> written;
-  auto claim = [&](at::TensorList list, const char* name) {
+  // storage -> (list name, index) of the first written tensor on it; names are built only for
+  // the error message (this runs for every tensor of every step).
+  std::unordered_map<const void*, std::pair<const char*, size_t>> written;
+  written.reserve(params.size() + momentum.size());
+  auto name = [](const std::pair<const char*, size_t>& at) {
+    return std::string(at.first) + "[" + std::to_string(at.second) + "]";
+  };
+  auto claim = [&](at::TensorList list, const char* list_name) {
     for (size_t i = 0; i < list.size(); ++i) {
       if (list[i].numel() == 0) continue;
       const void* storage = list[i].storage().unsafeGetStorageImpl();
-      const std::string what = std::string(name) + "[" + std::to_string(i) + "]";
-      auto [it, inserted] = written.emplace(storage, what);
-      TORCH_CHECK(inserted, "muon_step_: ", what, " and ", it->second,
+      auto [it, inserted] = written.emplace(storage, std::make_pair(list_name, i));
+      TORCH_CHECK(inserted, "muon_step_: ", name({list_name, i}), " and ", name(it->second),
                   " share storage; every tensor the step writes must have its own");
     }
   };
@@ -44,7 +49,7 @@ void check_no_aliasing(at::TensorList params, at::TensorList grads, at::TensorLi
   for (size_t i = 0; i < grads.size(); ++i) {
     if (grads[i].numel() == 0) continue;
     auto it = written.find(grads[i].storage().unsafeGetStorageImpl());
-    TORCH_CHECK(it == written.end(), "muon_step_: grads[", i, "] and ", it->second,
+    TORCH_CHECK(it == written.end(), "muon_step_: grads[", i, "] and ", name(it->second),
                 " share storage; grads are read while params and momentum are written");
   }
 }

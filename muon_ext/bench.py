@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--no-nvtx", action="store_true", help="no bench::<suite>::<impl> NVTX ranges")
     g.add_argument(
+        "--no-memory", action="store_true",
+        help="skip the peak-extra-memory column (on the CPU it runs one fresh process per row)",
+    )
+    g.add_argument(
         "--profiler-range",
         action="store_true",
         help="cudaProfilerStart/Stop around the timed steps "
@@ -247,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             nvtx=not args.no_nvtx,
             profiler_range=args.profiler_range,
+            memory=not args.no_memory,
             log=lambda s: print(s, flush=True),
         )
         record["rows"] += rows

@@ -133,6 +133,7 @@ class MuonWithAdamW(Muon):
         capturable: bool = False,
         distributed_mode: str | None = None,
         process_group: Any = None,
+        workspace_limit: int | None = None,
     ) -> None:
         muon_defaults = _muon_defaults(
             lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
@@ -169,6 +170,7 @@ class MuonWithAdamW(Muon):
             adjust_lr_fn,
             fused=fused,
             capturable=capturable,
+            workspace_limit=workspace_limit,
             **distributed,
         )
         # ``defaults`` mirrors the constructor's arguments (``type(opt)(groups, **opt.defaults)``).

@@ -163,6 +163,8 @@ class Muon(Optimizer):
         )
         _validate_hyperparameters(defaults, where="Muon")
         self._plans: dict[int, tuple[tuple, list[Tensor], list[_Call]]] = {}
+        # What the check phase of the current step found for each group: (params, grads).
+        self._pending: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -181,6 +183,7 @@ class Muon(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._plans = {}
+        self._pending = {}
         self.__dict__.setdefault("distributed_mode", None)
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("workspace_limit", None)
@@ -260,25 +263,31 @@ class Muon(Optimizer):
         (NOTE: [Cached plan]).
         """
         _validate_hyperparameters(group, where=f"param_groups[{index}]", check_tensor_value=False)
-        cached = self._plans.get(index)
-        ps = []
+        self._pending.pop(index, None)
+        if torch.compiler.is_compiling() or _distributed.wanted(self, group):
+            self._check_params_for_step(group, index)
+            return
+        params, grads = [], []
         for p in group["params"]:
             g = p.grad
             if g is None:
                 continue
-            ps.append(p)
             if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or g.is_sparse:
                 self._check_params_for_step(group, index)  # raises, naming the param
+            params.append(p)
+            grads.append(g)
+        # The per-param checks run again only when the cached plan is stale; the plan itself is
+        # (re)built in the step phase, since it creates state and the check phase changes nothing.
+        cached = self._plans.get(index)
         fresh = (
             cached is not None
-            and not torch.compiler.is_compiling()
-            and cached[0][0] == tuple(map(id, ps))
+            and cached[0][0] == tuple(map(id, params))
             and cached[0][2:] == (group["adjust_lr_fn"], group["fused"], group["capturable"])
-            and _same_buffers(cached[1], self.state, ps)
-            and not _distributed.wanted(self, group)
+            and _same_buffers(cached[1], self.state, params)
         )
         if not fresh:
             self._check_params_for_step(group, index)
+        self._pending[index] = (params, grads)
 
     def _check_params_for_step(self, group: dict[str, Any], index: int) -> None:
         """The per-param checks, with errors that name the parameter."""
@@ -382,21 +391,21 @@ class Muon(Optimizer):
             _distributed.step_group(self, index, group, grad_scale, found_inf)
             return
         # -- end distributed hook -------------------------------------------------------------
-        if torch.compiler.is_compiling():
-            # Dynamo needs state made in _init_group, which it runs eagerly while tracing; the
-            # plan is then rebuilt during tracing and folded into the graph as constants.
+        pending = self._pending.pop(index, None)
+        if pending is None:
+            # Under torch.compile: Dynamo needs state made in _init_group, which it runs eagerly
+            # while tracing; the calls are then rebuilt during tracing and folded into the graph
+            # as constants (reading the plan cache would make Dynamo guard on it).
             params: list[Tensor] = []
             grads: list[Tensor] = []
             bufs: list[Tensor] = []
             self._init_group(group, params, grads, bufs)
-            if not params:
-                return
-            calls = _make_calls(group, params, bufs)
+            calls = _make_calls(group, params, bufs) if params else []
         else:
-            params, grads = _params_with_grads(group)
-            if not params:
-                return
-            calls = self._plan(index, group, params)
+            params, grads = pending
+            calls = self._plan(index, group, params) if params else []
+        if not params:
+            return
         schedule = resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
         for call in calls:
             _run_call(call, group, schedule, params, grads, grad_scale, found_inf,
@@ -455,16 +464,6 @@ class Muon(Optimizer):
             for probes in parts.values():
                 most = max(most, ops.muon_step_workspace_bytes(probes, limit))
         return most
-
-
-def _params_with_grads(group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-    params, grads = [], []
-    for p in group["params"]:
-        g = p.grad
-        if g is not None:
-            params.append(p)
-            grads.append(g)
-    return params, grads
 
 
 def _same_buffers(bufs: list[Tensor], state: Any, params: list[Tensor]) -> bool:

@@ -207,6 +207,8 @@ STEP_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("suite", lambda r: r["suite"]),
     ("impl", lambda r: r["impl"]),
     *_TIMING_COLUMNS,
+    ("host ms", lambda r: _fmt_ms(r.get("host_ms"))),
+    ("peak extra MiB", lambda r: "-" if r.get("peak_extra_mib") is None else f"{r['peak_extra_mib']:.1f}"),
     ("upd diff", lambda r: _fmt_sci(r.get("update_rel_diff"))),
     ("note", lambda r: r.get("note", "")),
 ]

@@ -10,6 +10,7 @@ import torch
 from ..coefficients import resolve_ns_coefficients
 from .baselines import StepConfig, Unsupported, impl_ns_dtype, make_step
 from .shapes import Suite, elementwise_bytes, ns_flops
+from .memory import host_ms, peak_extra_bytes
 from .timing import sync, time_rotating
 
 __all__ = ["DEFAULT_CPU_IMPLS", "DEFAULT_GPU_IMPLS", "run_step_bench", "suite_info"]
@@ -37,6 +38,7 @@ def suite_info(suite: Suite, iterations: int, param_dtype: torch.dtype, peaks: d
         "description": suite.description,
         "shapes": [list(s) for s in shapes],
         "num_params": suite.num_params,
+        "param_mib": sum(_numel(s) for s in shapes) * pb / 2**20,
         "num_matrices": suite.num_matrices,
         "numel": suite.numel,
         "buckets": {f"{m}x{n}": c for (m, n), c in suite.buckets().items()},
@@ -47,6 +49,13 @@ def suite_info(suite: Suite, iterations: int, param_dtype: torch.dtype, peaks: d
         "ew_floor_ms": ew_floor,
         "floor_ms": ns_floor + ew_floor,
     }
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
 
 
 def _make_sets(
@@ -84,6 +93,7 @@ def run_step_bench(
     seed: int = 0,
     nvtx: bool = True,
     profiler_range: bool = False,
+    memory: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], dict[str, dict]]:
     schedule = resolve_ns_coefficients(preset, 5)
@@ -112,6 +122,8 @@ def run_step_bench(
                 "ew_floor_ms": info["ew_floor_ms"],
                 "repeats": 0,
                 "update_rel_diff": None,
+                "host_ms": None,
+                "peak_extra_mib": None,
                 "status": "ok",
                 "note": "",
             }
@@ -169,6 +181,12 @@ def run_step_bench(
                 row["note"] = "; ".join(
                     n for n in (_impl_note(impl, suite, device), timing.note) if n
                 )
+                row["host_ms"] = host_ms(fns[0], device, repeats=min(5, repeats))
+                if memory:
+                    del fns
+                    fns = None
+                    gc.collect()
+                    row["peak_extra_mib"] = peak_extra_bytes(impl, shapes, device, param_dtype) / 2**20
             except Unsupported as exc:
                 row["status"] = "skipped"
                 row["note"] = str(exc)
@@ -181,6 +199,8 @@ def run_step_bench(
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             shown = f"{row['median_ms']:.3f} ms" if row["median_ms"] is not None else row["note"]
+            if row["peak_extra_mib"] is not None:
+                shown += f", peak extra {row['peak_extra_mib']:.1f} MiB"
             log(f"  {suite.name:24s} {impl:24s} {shown}")
         ref_delta = None
     return rows, infos
