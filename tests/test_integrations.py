@@ -161,6 +161,31 @@ def test_hf_model_trees_route_as_expected():
     _assert_covers_trainable_params_once(llama, opt)
 
 
+def test_hf_moe_expert_biases_go_to_adamw():
+    """GPT-OSS stacks its expert biases as (E, 2I) / (E, d) tensors named ``*_proj_bias``: biases
+    whatever their shape, so AdamW; the expert weight stacks stay with Muon."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("transformers without GPT-OSS")
+    model = transformers.GptOssForCausalLM(
+        transformers.GptOssConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4,
+            num_experts_per_tok=2,
+        )
+    )
+    _, kwargs = hf_optimizer_cls_and_kwargs(model)
+    muon_group, adamw_group = kwargs["params"]
+    biases = [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    assert any(n.endswith("experts.gate_up_proj_bias") for n in biases)
+    assert any(n.endswith("experts.down_proj_bias") for n in biases)
+    assert set(biases) <= set(adamw_group["param_names"])
+    assert not any("bias" in n for n in muon_group["param_names"])
+    assert {"model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"} <= set(
+        muon_group["param_names"]
+    )
+
+
 def test_hf_trainer_trains_with_one_muon_with_adamw(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
