@@ -267,7 +267,7 @@ def test_changing_group_options_between_steps_matches_a_fresh_optimizer(seed, fi
     shapes = [(13, 31), (31, 13), (2, 5, 9)]
     params0 = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) for s in shapes] for _ in range(2)]
-    changed, _ = _run_changing(params0, grads, first, second, change_at=1)
+    changed, opt = _run_changing(params0, grads, first, second, change_at=1)
     # Fresh: step 1 with the first options, then a new optimizer with the second for step 2.
     fresh, fopt = _run_changing(params0, grads[:1], first, first, change_at=-1)
     fresh_opt = Muon(fresh, **HYPER, **{**first, **second})
@@ -277,6 +277,8 @@ def test_changing_group_options_between_steps_matches_a_fresh_optimizer(seed, fi
     for p, g in zip(fresh, grads[1]):
         p.grad = g.clone()
     fresh_opt.step()
+    # Fused and loop steps agree to fp32 rounding, so the path taken is compared as well.
+    assert [c.fused for c in opt._plans[0][1]] == [c.fused for c in fresh_opt._plans[0][1]]
     for a, b in zip(changed, fresh):
         # fused and loop agree to 2e-6 (test_unfused_path_matches_fused_path); same path: exact.
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=2e-6)
