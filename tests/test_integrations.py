@@ -54,15 +54,29 @@ class _Net(nn.Module):
         self.frozen = nn.Linear(8, 8).requires_grad_(False)
 
 
+def _hf_build(cls, kwargs, model):
+    """What Trainer.create_optimizer does with ``optimizer_cls_and_kwargs`` (transformers 5)."""
+    kwargs = dict(kwargs)
+    if not issubclass(cls, torch.optim.Optimizer):  # a factory: called with the Trainer's model
+        return cls()(model, **kwargs)
+    return cls(kwargs.pop("params"), **kwargs)
+
+
 def test_hf_factory_gives_all_trainable_params_once_and_builds_the_optimizer():
+    pytest.importorskip("transformers")
     model = _Net()
-    cls, kwargs = hf_optimizer_cls_and_kwargs(model, lr=0.01, adamw_lr=1e-3)
-    assert cls is MuonWithAdamW and set(kwargs) == {"params", "lr", "adamw_lr"}
-    params = kwargs.pop("params")  # what Trainer.create_optimizer does
-    opt = cls(params, **kwargs)
-    _assert_covers_trainable_params_once(model, opt)
-    assert [g["lr"] for g in opt.param_groups] == [0.01, 1e-3]
-    assert opt.param_groups[0]["param_names"] == ["body.weight"]
+    result = hf_optimizer_cls_and_kwargs(model, lr=0.01, adamw_lr=1e-3)
+    cls, kwargs = result
+    assert set(kwargs) <= {"params", "lr", "adamw_lr"}
+    for _ in range(2):  # the same result serves a second Trainer
+        opt = _hf_build(cls, kwargs, model)
+        assert type(opt) is MuonWithAdamW
+        _assert_covers_trainable_params_once(model, opt)
+        assert [g["lr"] for g in opt.param_groups] == [0.01, 1e-3]
+        assert opt.param_groups[0]["param_names"] == ["body.weight"]
+    # Built from the model the Trainer passes, not the one given here (model_init).
+    other = _Net()
+    _assert_covers_trainable_params_once(other, _hf_build(cls, kwargs, other))
 
 
 def test_hf_factory_rejects_unknown_arguments_early():
@@ -128,8 +142,7 @@ def test_hf_model_trees_route_as_expected():
     gpt2 = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
     )
-    _, kwargs = hf_optimizer_cls_and_kwargs(gpt2)
-    muon_group, adamw_group = kwargs["params"]
+    muon_group, adamw_group = _hf_build(*hf_optimizer_cls_and_kwargs(gpt2), gpt2).param_groups
     assert all(
         re.fullmatch(
             r"transformer\.h\.\d\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight", n
@@ -151,13 +164,12 @@ def test_hf_model_trees_route_as_expected():
             tie_word_embeddings=False,
         )
     )
-    _, kwargs = hf_optimizer_cls_and_kwargs(llama)
-    muon_group, adamw_group = kwargs["params"]
+    opt = _hf_build(*hf_optimizer_cls_and_kwargs(llama), llama)
+    muon_group, adamw_group = opt.param_groups
     assert len(muon_group["params"]) == 2 * 7
     assert {"lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"} <= set(
         adamw_group["param_names"]
     )
-    opt = MuonWithAdamW(kwargs["params"])
     _assert_covers_trainable_params_once(llama, opt)
 
 
@@ -174,8 +186,7 @@ def test_hf_moe_expert_biases_go_to_adamw():
             num_experts_per_tok=2,
         )
     )
-    _, kwargs = hf_optimizer_cls_and_kwargs(model)
-    muon_group, adamw_group = kwargs["params"]
+    muon_group, adamw_group = _hf_build(*hf_optimizer_cls_and_kwargs(model), model).param_groups
     biases = [n for n, _ in model.named_parameters() if n.endswith("bias")]
     assert any(n.endswith("experts.gate_up_proj_bias") for n in biases)
     assert any(n.endswith("experts.down_proj_bias") for n in biases)
@@ -201,9 +212,58 @@ def test_hf_trainer_trains_with_one_muon_with_adamw(tmp_path):
     assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.6 * losses[0], losses
     # the Trainer's schedule scaled each group's own lr
-    assert opt.param_groups[0]["initial_lr"] == 0.02 and opt.param_groups[1]["initial_lr"] == 3e-3
+    assert opt.param_groups[0]["initial_lr"] == 3e-3 and opt.param_groups[1]["initial_lr"] == 3e-3
+    assert opt.param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
     factors = [g["lr"] / g["initial_lr"] for g in opt.param_groups]
     assert factors[0] == pytest.approx(factors[1], abs=1e-12)
     for group in opt.param_groups:
         for p in group["params"]:
             assert opt.state[p], "every trainable parameter was updated"
+
+
+def test_hf_one_result_serves_two_trainers_and_model_init(tmp_path):
+    """The same hf_optimizer_cls_and_kwargs result for a second Trainer, and for a Trainer with
+    model_init (the model is built inside the Trainer): both train every parameter."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from transformers import Trainer, TrainingArguments
+
+    example = _load_example("hf_trainer_example")
+    torch.manual_seed(0)
+    result = hf_optimizer_cls_and_kwargs(lr=3e-3, adjust_lr_fn="match_rms_adamw", adamw_lr=3e-3)
+
+    def args(sub):
+        return TrainingArguments(
+            output_dir=str(tmp_path / sub), max_steps=2, per_device_train_batch_size=8,
+            save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=True, seed=0,
+        )
+
+    def dataset(model):
+        return example.PermutationWalks(64, model.config.n_positions, model.config.vocab_size)
+
+    built = []
+
+    def model_init():
+        built.append(example.build_model(dim=32, n_layers=1))
+        return built[-1]
+
+    first, second = example.build_model(dim=32, n_layers=1), example.build_model(dim=32, n_layers=1)
+    trainers = [
+        Trainer(model=first, args=args("a"), train_dataset=dataset(first),
+                optimizer_cls_and_kwargs=result),
+        Trainer(model=second, args=args("b"), train_dataset=dataset(second),
+                optimizer_cls_and_kwargs=result),
+        Trainer(model_init=model_init, args=args("c"), train_dataset=dataset(first),
+                optimizer_cls_and_kwargs=result),
+    ]
+    for trainer in trainers:
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train()
+        model = trainer.model
+        opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        assert type(opt) is MuonWithAdamW
+        _assert_covers_trainable_params_once(model, opt)
+        # the model the Trainer trains (after model_init: the newly built one) is the one updated
+        changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+        assert len(changed) == len(before), set(before) - set(changed)
+    assert trainers[2].model is built[-1]
