@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from torch import nn
+from torch.optim import Optimizer
 
 from .hybrid import MuonWithAdamW
 from .routing import DEFAULT_ADAMW_PATTERNS, _compile_patterns, muon_param_groups
 
-__all__ = ["hf_optimizer_cls_and_kwargs"]
+_O = TypeVar("_O", bound=Optimizer)
+
+__all__ = ["hf_optimizer_cls_and_kwargs", "unscale_before_step"]
 
 
 class MuonWithAdamWFactory:
@@ -31,6 +34,21 @@ class MuonWithAdamWFactory:
     def __call__(self, model: nn.Module, **optimizer_kwargs: Any) -> MuonWithAdamW:
         groups = muon_param_groups(model, adamw_patterns=self.adamw_patterns, report=self.report)
         return MuonWithAdamW(groups, **optimizer_kwargs)
+
+
+def unscale_before_step(optimizer: _O) -> _O:
+    """Lets a trainer unscale the grads itself (``scaler.unscale_(opt)``) before the step.
+
+    ``Muon`` / ``MuonWithAdamW`` take ``grad_scale`` / ``found_inf`` from ``GradScaler`` and
+    unscale inside the step (``_step_supports_amp_scaling``), which Lightning refuses to combine
+    with ``gradient_clip_val`` under ``precision="16-mixed"`` or ``"bf16-mixed"`` ("does not allow
+    for gradient clipping because it performs unscaling of gradients internally"). After this
+    call the optimizer is an ordinary one to ``GradScaler``: the grads are unscaled before
+    clipping, and a step with inf/NaN grads is skipped by the scaler (one host sync per step, as
+    for any optimizer). Returns ``optimizer``, for ``return unscale_before_step(MuonWithAdamW(...))``.
+    """
+    optimizer._step_supports_amp_scaling = False  # type: ignore[attr-defined]
+    return optimizer
 
 
 def _trainer_takes_factories() -> bool:

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from muon_ext import MuonWithAdamW
+from muon_ext import muon_param_groups as muon_param_groups_of
 from muon_ext.integrations import hf_optimizer_cls_and_kwargs
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -132,6 +133,71 @@ def test_lightning_automatic_optimization_trains_and_resumes(tmp_path):
     adamw_param = opt2.param_groups[1]["params"][0]
     assert opt2.state[adamw_param]["step"].item() == 34
     assert sum(resumed.losses) / len(resumed.losses) < 0.5 * losses[0]
+
+
+# On CPU Lightning turns "16-mixed" into "bf16-mixed" (no fp16 AMP there): the GradScaler path
+# that 16-mixed takes is checked without Lightning in the test below.
+@pytest.mark.parametrize("precision", ["bf16-mixed"])
+def test_lightning_mixed_precision_with_gradient_clipping_trains(tmp_path, precision):
+    """The example's optimizer (after unscale_before_step) under AMP with gradient_clip_val: the
+    grads are unscaled before clipping and every parameter moves; the plain optimizer is refused
+    by Lightning with its "unscaling of gradients internally" error (why the switch exists)."""
+    _require_lightning()
+    example = _load_example("lightning_example")
+    pl = example.pl
+    torch.manual_seed(0)
+    data = torch.utils.data.DataLoader(example.permutation_walks(64, 16, 64), batch_size=16)
+    common = {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False,
+              "default_root_dir": tmp_path, "max_steps": 3, "logger": False,
+              "enable_checkpointing": False, "enable_model_summary": False,
+              "gradient_clip_val": 1.0, "precision": precision}
+    module = example.LitTinyGPT(dim=32, n_layers=1, max_steps=3)
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    pl.Trainer(**common).fit(module, data)
+    assert len(module.losses) == 3 and all(math.isfinite(v) for v in module.losses)
+    changed = [n for n, p in module.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before), set(before) - set(changed)
+
+    class Plain(example.LitTinyGPT):
+        def configure_optimizers(self):
+            return MuonWithAdamW(example.muon_param_groups(self), lr=0.02, adamw_lr=3e-3)
+
+    with pytest.raises(RuntimeError, match="unscaling of gradients internally"):
+        pl.Trainer(**common).fit(Plain(dim=32, n_layers=1, max_steps=3), data)
+
+
+def test_unscale_before_step_grad_scaler_unscale_clip_step_matches_unscaled(seed):
+    """What Lightning's 16-mixed does: scaler.unscale_(opt), clip, scaler.step(opt). Same params as
+    stepping the unscaled, clipped grads directly; with an inf grad nothing changes."""
+    from muon_ext.integrations import unscale_before_step
+
+    model = _Net()
+    twin = _Net()
+    twin.load_state_dict(model.state_dict())
+    groups = [p for p in model.parameters() if p.requires_grad]
+    opt = unscale_before_step(MuonWithAdamW(muon_param_groups_of(model), lr=0.02, adamw_lr=1e-3))
+    ref = MuonWithAdamW(muon_param_groups_of(twin), lr=0.02, adamw_lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    for k in range(3):
+        grads = [torch.randn_like(p) for p in groups]
+        if k == 1:
+            grads[0][0, 0] = float("inf")
+        scaler.scale(torch.ones(()))  # what scaler.scale(loss).backward() does to the scaler
+        for p, g in zip(groups, grads):
+            p.grad = g * scaler.get_scale()
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(groups, 1.0)
+        scaler.step(opt)
+        scaler.update()
+        if k != 1:
+            tgroups = [p for p in twin.parameters() if p.requires_grad]
+            for p, g in zip(tgroups, grads):
+                p.grad = g.clone()
+            torch.nn.utils.clip_grad_norm_(tgroups, 1.0)
+            ref.step()
+        for a, b in zip(model.parameters(), twin.parameters()):
+            # scaling by a power of 2 and back is exact in fp32; clipping computes the same norm
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------- Hugging Face
