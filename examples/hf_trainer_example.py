@@ -4,9 +4,9 @@ one MuonWithAdamW.
     python examples/hf_trainer_example.py           # needs `pip install transformers accelerate`
 
 The Trainer builds its own param groups unless it gets ``params``;
-``muon_ext.integrations.hf_optimizer_cls_and_kwargs(model, ...)`` hands it
-``(MuonWithAdamW, {"params": muon_param_groups(model), ...})``: every trainable parameter
-once, Muon for the hidden matrices, AdamW for ``wte``/``wpe``/the tied ``lm_head``, norms and
+``muon_ext.integrations.hf_optimizer_cls_and_kwargs(model, ...)`` hands it an optimizer
+factory that builds ``MuonWithAdamW(muon_param_groups(model), ...)`` from the model the Trainer
+passes when it creates the optimizer: every trainable parameter once, Muon for the hidden matrices, AdamW for ``wte``/``wpe``/the tied ``lm_head``, norms and
 biases. The Trainer's LR schedule (warmup + cosine here) scales each group's own lr.
 Without ``optimizer_cls_and_kwargs`` (older transformers), pass
 ``optimizers=(MuonWithAdamW(muon_param_groups(model), ...), None)`` instead.
@@ -71,9 +71,11 @@ def build_trainer(model, output_dir: str, max_steps: int = 200, **training_args)
         model=model,
         args=TrainingArguments(**options),
         train_dataset=PermutationWalks(4096, model.config.n_positions, model.config.vocab_size),
-        # Muon: lr 0.02 (Keller Jordan's); AdamW: embeddings, tied head, norms, biases.
+        # GPT-2's Conv1D weights are stored (in, out): the "original" rule would read them
+        # transposed; match_rms_adamw does not depend on the orientation and takes the AdamW lr.
+        # AdamW: embeddings, tied head, norms, biases.
         optimizer_cls_and_kwargs=hf_optimizer_cls_and_kwargs(
-            model, lr=0.02, adamw_lr=3e-3, report=True
+            model, lr=3e-3, adjust_lr_fn="match_rms_adamw", adamw_lr=3e-3, report=True
         ),
     )
 

@@ -24,6 +24,7 @@ except ImportError:  # the standalone package
     import pytorch_lightning as pl
 
 from muon_ext import MuonWithAdamW, muon_param_groups
+from muon_ext.integrations import unscale_before_step
 
 
 class Block(nn.Module):
@@ -115,6 +116,10 @@ class LitTinyGPT(pl.LightningModule):
             lr=hp.lr,
             adamw_lr=hp.adamw_lr,
         )
+        # Lightning unscales the grads itself before clipping (gradient_clip_val) under
+        # precision="16-mixed" / "bf16-mixed"; without this it refuses optimizers that unscale
+        # inside their step. Harmless at full precision.
+        unscale_before_step(optimizer)
 
         def warmup_cosine(step: int) -> float:  # multiplies each group's own lr
             if step < hp.warmup_steps:

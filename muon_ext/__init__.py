@@ -10,11 +10,12 @@ from .coefficients import PRESETS
 from .hybrid import MuonWithAdamW
 from .optim import Muon
 from .qk_clip import MuonClip, QKClip, QKClipLayer
-from .routing import muon_param_groups
+from .routing import DEFAULT_ADAMW_PATTERNS, muon_param_groups
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_ADAMW_PATTERNS",
     "PRESETS",
     "Muon",
     "MuonClip",

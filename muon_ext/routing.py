@@ -4,7 +4,9 @@ Muon is for hidden weight matrices. Everything else goes to AdamW:
 
 1. embedding weights (``nn.Embedding`` / ``nn.EmbeddingBag``), found by identity, so an
    output head tied to the embedding goes with it whatever it is called;
-2. tensors with fewer than 2 dims (norm gains, biases, scalars);
+2. tensors with fewer than 2 dims (norm gains, biases, scalars), and biases of any shape:
+   a local name ``bias`` or ending in ``_bias`` (GPT-OSS's stacked expert biases
+   ``experts.gate_up_proj_bias`` (E, 2I) and ``experts.down_proj_bias``);
 3. parameters any of whose names matches one of ``adamw_patterns`` (regular expressions,
    ``re.search`` on the dotted name; defaults cover GPT-2's ``wte``/``wpe``/``lm_head`` and
    Llama's ``embed_tokens``/``lm_head``);
@@ -146,11 +148,13 @@ def _route_one(
         return "adamw", f"shares memory with embedding {embedding_memory[key]}"
     if torch.is_complex(p):
         return "adamw", "complex"
+    if any(_is_bias_name(local) for _, local in owners) and not any(
+        isinstance(m, _NORM_TYPES) for m, _ in owners
+    ):
+        return "adamw", "bias"
     if p.ndim < 2:
         if any(isinstance(m, _NORM_TYPES) or "norm" in type(m).__name__.lower() for m, _ in owners):
             return "adamw", "norm"
-        if any(local == "bias" for _, local in owners):
-            return "adamw", "bias"
         return "adamw", "scalar" if p.ndim == 0 else "1-D"
     for pattern, compiled in patterns:
         if any(compiled.search(n) for n in all_names):
@@ -158,6 +162,11 @@ def _route_one(
     if p.shape[0] == 1:
         return "adamw", "leading dim of size 1"
     return "muon", f"hidden matrix{tied.replace('tied', 'shared')}"
+
+
+def _is_bias_name(local: str) -> bool:
+    """``bias`` or ``*_bias`` (``gate_up_proj_bias``), not ``biased_weight``."""
+    return local == "bias" or local.endswith("_bias")
 
 
 def _memory_key(p: Tensor) -> tuple | None:

@@ -351,15 +351,33 @@ def test_each_group_follows_its_own_lr_under_a_scheduler():
     assert opt.param_groups[1]["lr"] == pytest.approx(4e-3 * factor)
 
 
-def test_one_cycle_scheduler_with_momentum_cycling_runs(seed):
+def test_one_cycle_scheduler_cycles_the_muon_momentum_the_step_uses(seed):
+    """OneCycleLR (cycle_momentum=True) writes group["momentum"] (MuonWithAdamW's defaults have
+    no "betas"): the Muon step must use the cycled value, each step's. AdamW groups keep betas."""
     model = TinyLM()
     opt = MuonWithAdamW(muon_param_groups(model))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.02, 3e-3], total_steps=5)
-    for step in range(4):
-        _apply(model, _random_grads(model, step))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.02, 3e-3], total_steps=6)
+    muon_group = opt.param_groups[0]
+    p = muon_group["params"][0]
+    used = []
+    prev = torch.zeros_like(p, dtype=torch.float32)
+    for step in range(5):
+        g = torch.randn_like(p)
+        for q in model.parameters():
+            q.grad = torch.randn_like(q)
+        p.grad = g.clone()
+        beta = muon_group["momentum"]
+        used.append(beta)
         opt.step()
+        # momentum_buffer = lerp(buf, g, 1 - beta) with this step's beta: exact up to fp32 rounding
+        expected = prev.lerp(g.float(), 1 - beta)
+        buf = opt.state[p]["momentum_buffer"]
+        torch.testing.assert_close(buf, expected, rtol=1e-6, atol=1e-6)
+        prev = buf.clone()
         sched.step()
-    assert opt.param_groups[1]["betas"] == (0.9, 0.95)  # AdamW betas are not cycled
+    assert len(set(used)) == len(used), f"momentum was not cycled: {used}"
+    assert min(used) < 0.9 < max(used) <= 0.95  # base_momentum 0.85, max_momentum 0.95
+    assert opt.param_groups[1]["betas"] == (0.9, 0.95)
 
 
 def test_step_hooks_run_once_per_step():

@@ -97,6 +97,10 @@ BAD_CALLS = [
     ("2-D param", lambda p, g, m: ([p[0][0]], [g[0][0]], [m[0][0]]), "must be a 3-D"),
     ("dtype mix", lambda p, g, m: ([p[0], p[1].double()], g[:2], m[:2]), "params\\[1\\]"),
     ("grad shape", lambda p, g, m: (p[:2], [g[1], g[0]], m[:2]), "grads\\[0\\] has shape"),
+    # On CUDA the grads are read untyped through the pointer table: a bf16 grad of fp32 params
+    # would be read as garbage, so the op itself must refuse it.
+    ("grad dtype", lambda p, g, m: (p[:2], [g[0], g[1].bfloat16()], m[:2]),
+     "grads\\[1\\] is BFloat16 but params are Float"),
     ("momentum dtype", lambda p, g, m: (p[:1], g[:1], [m[0].double()]), "momentum_buffers\\[0\\]"),
     ("length", lambda p, g, m: (p[:2], g[:1], m[:2]), "grads has 1 tensors"),
     ("alias", lambda p, g, m: ([p[0], p[0]], [g[0], g[0]], [m[0], m[0].clone()]), "share storage"),

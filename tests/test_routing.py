@@ -358,3 +358,26 @@ def test_bad_inputs_are_explained():
     frozen = GPT2LMHead().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         muon_param_groups(frozen)
+
+
+def test_biases_of_any_shape_go_to_adamw():
+    class Experts(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_up_proj = nn.Parameter(torch.randn(4, 8, 12))
+            self.gate_up_proj_bias = nn.Parameter(torch.zeros(4, 12))
+            self.down_proj_bias = nn.Parameter(torch.zeros(4, 8))
+            self.biased_w = nn.Parameter(torch.randn(8, 8))  # a name containing "bias": a matrix
+
+    routes = {r.name: r for r in route_parameters(Experts())}
+    assert routes["gate_up_proj_bias"].destination == "adamw"
+    assert routes["gate_up_proj_bias"].reason == "bias"
+    assert routes["down_proj_bias"].destination == "adamw"
+    assert routes["gate_up_proj"].destination == "muon"
+    assert routes["biased_w"].destination == "muon"
+
+
+def test_default_adamw_patterns_importable_from_the_package():
+    import muon_ext
+
+    assert muon_ext.DEFAULT_ADAMW_PATTERNS is DEFAULT_ADAMW_PATTERNS
