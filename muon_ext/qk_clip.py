@@ -635,6 +635,7 @@ def _scale_head_rows_(t: Tensor, heads: int, factor: Tensor) -> None:
     multiplied, so they stay bit-identical whatever the float environment (flush-to-zero
     would otherwise turn a subnormal times 1.0 into 0).
     """
+    _refuse_dtensor(t, "a clipped weight")
     t = t.detach()
     rows = t.unflatten(0, (heads, -1))
     factor = factor.to(t.device).reshape(factor.shape + (1,) * (rows.dim() - 2))
@@ -679,11 +680,27 @@ def _weight_and_bias(
     return weight_fixed, bias_fixed
 
 
+def _refuse_dtensor(t: Tensor, what: str) -> None:
+    """Refuses sharded (DTensor, e.g. FSDP2 ``fully_shard``) weights with the reason.
+
+    The head of a row is known only from the whole tensor's row index; a DTensor shard's
+    local rows would be scaled by the wrong heads' factors, so this is refused, not guessed.
+    """
+    if type(t).__name__ == "DTensor" or any(c.__name__ == "DTensor" for c in type(t).__mro__):
+        raise NotImplementedError(
+            f"QKClip: {what} is a DTensor (FSDP2 fully_shard or tensor-parallel sharding): "
+            "sharded q/k weights are not supported yet, because each local row must be "
+            "mapped to its head through the shard's offset; register the whole weights "
+            "(DDP, ZeRO-1) or, for tensor parallelism, each rank's local heads as plain tensors"
+        )
+
+
 def _check_rows(t: Tensor, heads: int, rows_per_head: int | None, what: str) -> int:
     """Checks that ``t`` splits into ``heads`` equal row blocks; returns the rows per head.
 
     Splitting dim 0 is always a view, whatever the strides, so a scaled block writes through.
     """
+    _refuse_dtensor(t, what)
     if not t.is_floating_point():
         raise ValueError(f"QKClip: {what} must be floating point, got {t.dtype}")
     if t.dim() < 1 or t.shape[0] % heads:

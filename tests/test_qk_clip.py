@@ -860,3 +860,33 @@ def test_two_rank_gloo_ranks_apply_the_same_gamma(seed):
     assert (reduced > r0["tau"]).any() and (reduced <= r0["tau"]).any()
     for a, b in zip(r0["weights"], r1["weights"]):
         assert torch.equal(a, b), "ranks applied different factors"
+
+
+def test_dtensor_weights_are_refused_with_the_reason():
+    import torch.distributed as dist
+
+    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=0, world_size=2)
+    try:
+        mesh = init_device_mesh("cpu", (2,))
+        sharded = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+        clip = QKClip(tau=1.0)
+        with pytest.raises(NotImplementedError, match="q_proj weight is a DTensor.*offset"):
+            clip.add(sharded, torch.randn(8, 4), num_heads=2, num_kv_heads=2)
+        with pytest.raises(NotImplementedError, match="k_proj weight is a DTensor"):
+            clip.add(torch.randn(8, 4), sharded, num_heads=2, num_kv_heads=2)
+        with pytest.raises(NotImplementedError, match="kv_proj weight is a DTensor"):
+            clip.add_mla(
+                torch.randn(8, 4),
+                sharded,
+                num_heads=2,
+                qk_nope_head_dim=2,
+                qk_rope_head_dim=2,
+                v_head_dim=2,
+            )
+    finally:
+        dist.destroy_process_group()
