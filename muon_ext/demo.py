@@ -300,7 +300,7 @@ def _positive_float(text: str) -> float:
 def parse_args(argv: list[str] | None = None) -> Config:
     p = argparse.ArgumentParser(prog="python -m muon_ext.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                   help="model/budget size (default: cpu, a few minutes on 2 CPU cores)")
+                   help="model/budget size (default: cpu, about 30 s on 2 CPU cores)")
     for name in ("layers", "heads", "d-model", "context", "batch", "steps", "corpus-bytes",
                  "eval-every", "eval-batches"):
         p.add_argument(f"--{name}", type=_positive_int, default=None)

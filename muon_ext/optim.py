@@ -46,9 +46,10 @@ def _fused_device_supported(device: torch.device) -> bool:
         return False
     if device.type == "cpu":
         return True
-    return torch._C._dispatch_has_kernel_for_dispatch_key(
-        "muon_ext::muon_step_", "CUDA" if device.type == "cuda" else device.type
-    )
+    if device.type != "cuda":
+        # meta, mps, xpu, ...: no fused kernel; such params take the pure-PyTorch step.
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("muon_ext::muon_step_", "CUDA")
 
 
 @dataclass
@@ -682,7 +683,7 @@ def _validate_hyperparameters(
     lr = group["lr"]
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
-            raise ValueError(f"{where}: Tensor lr must have exactly one element, got shape {tuple(lr.shape)}")
+            raise ValueError(f"{where}: Tensor lr must be 1-element (it must have exactly one element), got shape {tuple(lr.shape)}")
         if not lr.is_floating_point():
             raise ValueError(f"{where}: Tensor lr must be floating point, got {lr.dtype}")
         if check_tensor_value:  # reading a device tensor syncs: only at construction
@@ -704,7 +705,8 @@ def _validate_hyperparameters(
         raise ValueError(f"{where}: nesterov must be a bool, got {group['nesterov']!r}")
     if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
         raise ValueError(
-            f"{where}: adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}"
+            f"{where}: Adjust learning rate function {group['adjust_lr_fn']} is not supported; "
+            f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {group['adjust_lr_fn']!r}"
         )
     if group.get("fused") not in (None, True, False):
         raise ValueError(f"{where}: fused must be None, True or False, got {group['fused']!r}")
