@@ -1,0 +1,66 @@
+"""The step-engine targets, one measurement per process, for side-by-side runs of two trees.
+
+    python benchmarks/bench_engine_targets.py mem 96    # peak extra RSS of a step, 96 x 512x2048 fp32
+    python benchmarks/bench_engine_targets.py host      # Muon.step vs AdamW(fused=True), 500 x 4x4
+
+Compare two builds by running each with PYTHONPATH pointing at its tree, interleaved. ``mem``
+creates the momentum state up front, so the process's peak-RSS growth across the one step
+it runs is the step's own scratch. ``host`` interleaves 30 steps of each optimizer on one
+thread and prints the medians. Each prints one JSON line.
+"""
+
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+
+from muon_ext import Muon
+
+
+def mem(count: int) -> dict:
+    params = [torch.nn.Parameter(torch.randn(512, 2048)) for _ in range(count)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = Muon(params)
+    for p in params:  # the state a first step would create
+        opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    opt.step()
+    step_s = time.perf_counter() - t0
+    extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+    param_bytes = count * 512 * 2048 * 4
+    return {"what": "mem", "count": count, "extra_mib": extra / 2**20,
+            "ratio_to_params": extra / param_bytes, "step_s": step_s}
+
+
+def host(n: int = 500) -> dict:
+    def make():
+        ps = [torch.nn.Parameter(torch.randn(4, 4)) for _ in range(n)]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        return ps
+
+    muon, adamw = Muon(make()), torch.optim.AdamW(make(), fused=True)
+    for o in (muon, adamw):
+        o.step()
+        o.step()
+    tm, ta = [], []
+    for _ in range(30):
+        t0 = time.perf_counter()
+        muon.step()
+        tm.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        adamw.step()
+        ta.append(time.perf_counter() - t0)
+    m, a = statistics.median(tm) * 1e3, statistics.median(ta) * 1e3
+    return {"what": "host", "muon_ms": m, "adamw_fused_ms": a, "ratio": m / a}
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    what = sys.argv[1] if len(sys.argv) > 1 else "host"
+    print(json.dumps(mem(int(sys.argv[2])) if what == "mem" else host()))
