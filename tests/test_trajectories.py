@@ -174,17 +174,31 @@ def test_matches_torch_optim_muon(seed, dtype, nesterov, adjust_lr_fn):
         compute_dtype=torch.float32, ns_dtype=torch.bfloat16, param_dtype=dtype,
         scale_fn=_torch_scale,
     )
+    # torch <= 2.14 with bf16 params and nesterov=False renormalizes its momentum buffer in place
+    # (ANCHORS.md; test_bf16_plain_momentum_is_not_renormalized): its params then drift from
+    # the algorithm by more than bf16 orthogonalization explains, so only the oracle bound holds.
+    torch_renormalizes_buffer = dtype == torch.bfloat16 and not nesterov
+    gap_sq = bf16_sq = 0.0
+    atol_model = 0.0
     for shape, p, t, o, b in zip(shapes, ours, theirs, oracle, bf16_ns):
         t_err = max_abs_err(t.detach(), o)
         atol = 4 * ulp(dtype) * o.abs().max().item()
+        atol_model = max(atol_model, atol)
         # Same update as torch: we are never worse than torch against the oracle (2x slack for
         # the rounding of the bf16 params)...
         assert_within_ratio(max_abs_err(p, o), t_err, atol, f"param {shape} vs oracle")
-        # ...and we differ from torch by no more than bf16 orthogonalization explains (ours is
-        # fp32 NS, torch's bf16: the gap is the bf16 reference's error, 2x for rounding order).
-        b_err = max_abs_err(b, o)
-        assert_within_ratio(max_abs_err(p, t.detach()), b_err, atol, f"param {shape} vs torch")
-    if dtype == torch.bfloat16 and not nesterov:
+        gap_sq += float((p.double() - t.detach().double()).square().sum())
+        bf16_sq += float((b.double() - o.double()).square().sum())
+    # ...and, over the whole model, we differ from torch by no more than bf16 orthogonalization
+    # explains (ours is fp32 NS, torch's bf16): the bf16 reference's error, measured without
+    # torch, with 2x for rounding order. Over the whole model, not per param: two independent
+    # bf16 errors of a 29-element vector can differ by more than 2x, their model-wide norms not.
+    if not torch_renormalizes_buffer:  # torch's trajectory follows its bug there
+        numel = sum(o.numel() for o in oracle)
+        assert_within_ratio(
+            gap_sq**0.5, bf16_sq**0.5, atol_model * numel**0.5, "all params vs torch (Frobenius)"
+        )
+    if torch_renormalizes_buffer:
         return  # torch's own buffer is renormalized there (see the regression test below)
     for p, t in zip(theirs, our_bufs):
         tb = topt.state[p]["momentum_buffer"]
@@ -228,7 +242,7 @@ def test_large_and_tiny_matrices_match_float64_reference(seed, grad_scale):
     params0 = [torch.randn(s) for s in shapes]
     grads = [[torch.randn(s) * grad_scale for s in shapes] for _ in range(2)]
     ours, our_bufs, opt = _run_muon(params0, grads)
-    assert all(call.fused for call in opt._plans[0][1])
+    assert all(call.fused for call in opt._plans[0][2])
     kw = {"nesterov": True, "adjust_lr_fn": None}
     oracle, oracle_bufs = _oracle(params0, grads, compute_dtype=torch.float64,
                                   ns_dtype=torch.float64, param_dtype=None, **kw)
@@ -278,7 +292,7 @@ def test_changing_group_options_between_steps_matches_a_fresh_optimizer(seed, fi
         p.grad = g.clone()
     fresh_opt.step()
     # Fused and loop steps agree to fp32 rounding, so the path taken is compared as well.
-    assert [c.fused for c in opt._plans[0][1]] == [c.fused for c in fresh_opt._plans[0][1]]
+    assert [c.fused for c in opt._plans[0][2]] == [c.fused for c in fresh_opt._plans[0][2]]
     for a, b in zip(changed, fresh):
         # fused and loop agree to 2e-6 (test_unfused_path_matches_fused_path); same path: exact.
         torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=2e-6)
