@@ -31,6 +31,16 @@ _POLAR_EXPRESS_PUBLISHED: tuple[Triple, ...] = (
 )
 POLAR_EXPRESS_SAFETY = 1.01
 
+# NOTE: [Gram safety factor]
+# Gram Newton-Schulz (reference.gram_newton_schulz) iterates on R = X Xᵀ rather than on X. In
+# half precision each GEMM on R rounds sigma² by about an ulp (fp16 ~1e-3, bf16 ~8e-3), and
+# between restarts those errors compound through R <- H R H instead of being re-measured from
+# X, so the sigma a later polynomial sees can sit further above 1 than in the standard
+# iteration. As in the reference Gram Newton-Schulz package, the Gram schedule divides by 1.05
+# instead of 1.01: inputs up to sigma = 1.05 stay bounded, at the price of a wider landing
+# range for sigma in [1e-3, 1] ([0.758, 1.124] instead of [0.852, 1.124]).
+POLAR_EXPRESS_GRAM_SAFETY = 1.05
+
 
 def _with_safety_factor(schedule: tuple[Triple, ...], s: float = POLAR_EXPRESS_SAFETY):
     head = tuple((a / s, b / s**3, c / s**5) for a, b, c in schedule[:-1])
@@ -43,6 +53,8 @@ PRESETS: dict[str, tuple[Triple, ...]] = {
     # Amsel et al. 2025 (arXiv 2505.16932), 5 iterations, each optimal for its step, with the
     # paper's safety factor on all but the last (see NOTE: [Polar Express safety factor]).
     "polar_express": _with_safety_factor(_POLAR_EXPRESS_PUBLISHED),
+    # The same polynomials for Gram Newton-Schulz (see NOTE: [Gram safety factor]).
+    "polar_express_gram": _with_safety_factor(_POLAR_EXPRESS_PUBLISHED, POLAR_EXPRESS_GRAM_SAFETY),
     # 8 x jordan to grow small singular values fast, then 2 x a convergent polish.
     "deepseek_v4": (JORDAN,) * 8 + ((2.0, -1.5, 0.5),) * 2,
 }
