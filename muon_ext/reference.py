@@ -15,7 +15,19 @@ from torch import Tensor
 
 from .coefficients import Triple, matrix_shape
 
-__all__ = ["matrix_view", "muon_step_reference", "orthogonalize"]
+__all__ = [
+    "NS_ALGORITHMS",
+    "gram_flops",
+    "gram_newton_schulz",
+    "matrix_view",
+    "muon_step_reference",
+    "orthogonalize",
+    "standard_flops",
+    "validate_gram_restarts",
+]
+
+# "auto" is not here: choosing between them per shape is the optimizer's job.
+NS_ALGORITHMS = ("standard", "gram")
 
 
 def matrix_view(t: Tensor) -> Tensor:
@@ -23,17 +35,88 @@ def matrix_view(t: Tensor) -> Tensor:
     return t.reshape(matrix_shape(t.shape))
 
 
+def validate_gram_restarts(gram_restarts: Sequence[int]) -> tuple[int, ...]:
+    """``gram_restarts`` as a tuple: iteration counts k >= 1, strictly increasing.
+
+    A restart after iteration k recomputes R from X (see :func:`gram_newton_schulz`). Entries
+    at or past the schedule's length are allowed here and ignored there, so one setting serves
+    schedules of any length.
+    """
+    if isinstance(gram_restarts, (str, bytes)) or not isinstance(gram_restarts, Sequence):
+        raise ValueError(
+            f"gram_restarts must be a sequence of ints >= 1, got {gram_restarts!r}"
+        )
+    out = tuple(gram_restarts)
+    for k in out:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"gram_restarts entries must be ints >= 1, got {gram_restarts!r}")
+    if any(b <= a for a, b in zip(out, out[1:])):
+        raise ValueError(
+            f"gram_restarts must be strictly increasing (sorted, no duplicates), "
+            f"got {gram_restarts!r}"
+        )
+    return out
+
+
+def gram_newton_schulz(
+    x: Tensor, ns_coefficients: Sequence[Triple], gram_restarts: Sequence[int] = (2,)
+) -> Tensor:
+    """Gram Newton-Schulz on an already normalized, wide (B, m, n) tensor, in ``x.dtype``.
+
+    Exactly the standard iteration's polynomial, evaluated on the m x m Gram matrix
+    R = X Xᵀ instead of on X: each step's H = a I + b R + c R² is a polynomial in R, so it
+    commutes with R, the accumulated Q = H_1 ... H_k is one too, and after k steps
+    X_k = Q X_0 and R_k = H R H. Only the first and last GEMM of a segment touch the n side,
+    which is what makes it cheaper for n >> m. ``gram_restarts``: after each listed iteration,
+    X = Q X and R is recomputed from X, so that half-precision error accumulated in R (which,
+    unlike X Xᵀ, need not stay positive semidefinite) is thrown away.
+    """
+    restarts = set(validate_gram_restarts(gram_restarts))
+    steps = list(ns_coefficients)
+    if not steps:
+        return x
+    X = x
+    R = X @ X.transpose(1, 2)
+    Q: Tensor | None = None  # None is the identity: the first step of a segment needs no GEMM
+    for i, (a, b, c) in enumerate(steps, start=1):
+        Z = torch.baddbmm(R, R, R, beta=b, alpha=c)
+        if Q is None:
+            # Q = a I + Z: the only place a·I is formed, as a diagonal add onto Z.
+            Q = Z.clone()
+            Q.diagonal(dim1=1, dim2=2).add_(a)
+        else:
+            # Q (a I + Z) with the a-term in beta: no a·I matrix rounded in half precision.
+            Q = torch.baddbmm(Q, Q, Z, beta=a)
+        if i in restarts and i < len(steps):
+            X = Q @ X
+            R = X @ X.transpose(1, 2)
+            Q = None
+        elif i < len(steps):
+            # R <- H R H, as two GEMMs: T = R H = R Z + a R, then H T = Z T + a T.
+            T = torch.baddbmm(R, R, Z, beta=a)
+            R = torch.baddbmm(T, Z, T, beta=a)
+    return X if Q is None else Q @ X
+
+
 def orthogonalize(
     x: Tensor,
     ns_coefficients: Sequence[Triple],
     eps: float = 1e-7,
     ns_dtype: torch.dtype = torch.float64,
+    *,
+    algorithm: str = "standard",
+    gram_restarts: Sequence[int] = (2,),
 ) -> Tensor:
     """Approximate polar factor of each matrix of a (B, rows, cols) or (rows, cols) tensor.
 
     ``X / max(||X||_F, eps)`` (the norm in at least float32), cast to ``ns_dtype``, then one
     quintic Newton-Schulz iteration per (a, b, c) on the wide orientation. Returns ``ns_dtype``.
+    ``algorithm="gram"`` evaluates the same polynomials with :func:`gram_newton_schulz`.
     """
+    if algorithm not in NS_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {NS_ALGORITHMS}, got {algorithm!r}")
+    # Checked for "standard" too, so a bad setting fails the same way whichever runs.
+    restarts = validate_gram_restarts(gram_restarts)
     squeeze = x.dim() == 2
     if squeeze:
         x = x.unsqueeze(0)
@@ -48,13 +131,54 @@ def orthogonalize(
     # A zero matrix orthogonalizes to zero, also with eps == 0 (no NaN from 0 / 0); a NaN
     # norm (NaN or inf in the input) stays NaN, as in torch: garbage in, visible out.
     X = torch.where(norm == 0, torch.zeros_like(xf), xf / norm).to(ns_dtype)
-    for a, b, c in ns_coefficients:
-        A = X @ X.transpose(1, 2)
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        X = torch.baddbmm(X, B, X, beta=a)
+    if algorithm == "gram":
+        X = gram_newton_schulz(X, ns_coefficients, restarts)
+    else:
+        for a, b, c in ns_coefficients:
+            A = X @ X.transpose(1, 2)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            X = torch.baddbmm(X, B, X, beta=a)
     if tall:
         X = X.transpose(1, 2)
     return X.squeeze(0) if squeeze else X
+
+
+def standard_flops(m: int, n: int, num_iterations: int) -> int:
+    """GEMM FLOPs (2·m·k·n per product) of standard Newton-Schulz on one m x n matrix.
+
+    Per iteration on the wide orientation (m <= n after transposing): X Xᵀ, A·A, B·X.
+    """
+    m, n = min(m, n), max(m, n)
+    return num_iterations * (2 * m * m * n + 2 * m**3 + 2 * m * m * n)
+
+
+def gram_flops(m: int, n: int, num_iterations: int, gram_restarts: Sequence[int] = (2,)) -> int:
+    """GEMM FLOPs of :func:`gram_newton_schulz` as implemented, on one m x n matrix.
+
+    m x n GEMMs (2m²n): the first R = X Xᵀ, X = Q X and R = X Xᵀ at each restart, and the final
+    X = Q X. m x m GEMMs (2m³): R·R every iteration, Q·Z on all but a segment's first
+    iteration (Q is the identity there), and the two of R <- H R H on every iteration that is
+    neither the last nor followed by a restart.
+    """
+    m, n = min(m, n), max(m, n)
+    if num_iterations == 0:
+        return 0
+    restarts = {k for k in validate_gram_restarts(gram_restarts) if k < num_iterations}
+    wide = 2 * m * m * n
+    square = 2 * m**3
+    flops = wide  # R = X Xᵀ
+    segment_start = True
+    for i in range(1, num_iterations + 1):
+        flops += square  # Z = b R + c R R
+        if not segment_start:
+            flops += square  # Q = Q Z + a Q
+        segment_start = False
+        if i in restarts:
+            flops += 2 * wide  # X = Q X; R = X Xᵀ
+            segment_start = True
+        elif i < num_iterations:
+            flops += 2 * square  # T = R Z + a R; R = Z T + a T
+    return flops + wide  # X = Q X
 
 
 @torch.no_grad()
@@ -74,12 +198,15 @@ def muon_step_reference(
     ns_dtype: torch.dtype | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    ns_algorithm: str = "standard",
+    gram_restarts: Sequence[int] = (2,),
 ) -> None:
     """One Muon step, in place on ``params`` and ``momentum_buffers`` (never on ``grads``).
 
     Same contract as ``torch.ops.muon_ext.muon_step_`` but for tensors of any shape
     (each viewed with :func:`matrix_view`). Elementwise math in ``compute_dtype``,
-    Newton-Schulz in ``ns_dtype`` (default: ``compute_dtype``); each output is rounded once.
+    Newton-Schulz in ``ns_dtype`` (default: ``compute_dtype``) with ``ns_algorithm``
+    ("standard" or "gram", see :func:`orthogonalize`); each output is rounded once.
     """
     if found_inf is not None and float(found_inf) != 0.0:
         return
@@ -93,7 +220,10 @@ def muon_step_reference(
             gd = gd / grad_scale.to(compute_dtype)
         md = m.to(compute_dtype).lerp(gd, 1 - momentum)
         u = gd.lerp(md, momentum) if nesterov else md
-        x = orthogonalize(matrix_view(u), ns_coefficients, eps, ns_dtype).to(compute_dtype)
+        x = orthogonalize(
+            matrix_view(u), ns_coefficients, eps, ns_dtype,
+            algorithm=ns_algorithm, gram_restarts=gram_restarts,
+        ).to(compute_dtype)
         pd = p.to(compute_dtype) * (1 - lr * weight_decay) - (lr * scale) * x.reshape(p.shape)
         p.copy_(pd)
         m.copy_(md)
