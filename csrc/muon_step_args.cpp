@@ -66,6 +66,31 @@ void check_ns_coefficients(const std::vector<double>& c, double eps) {
   TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, "eps must be a finite number >= 0, got ", eps);
 }
 
+NsConfig make_ns_config(std::vector<double> coefficients, double eps,
+                        c10::string_view ns_algorithm, at::IntArrayRef gram_restarts) {
+  check_ns_coefficients(coefficients, eps);
+  NsConfig c;
+  c.coefficients = std::move(coefficients);
+  if (ns_algorithm == "standard") {
+    c.algorithm = NsAlgorithm::kStandard;
+  } else if (ns_algorithm == "gram") {
+    c.algorithm = NsAlgorithm::kGram;
+  } else if (ns_algorithm == "auto") {
+    c.algorithm = NsAlgorithm::kAuto;
+  } else {
+    TORCH_CHECK(false, "ns_algorithm must be 'standard', 'gram' or 'auto', got '",
+                std::string(ns_algorithm), "'");
+  }
+  int64_t previous = 0;
+  for (int64_t r : gram_restarts) {
+    TORCH_CHECK(r > previous, "gram_restarts must be strictly increasing iteration counts >= 1, "
+                "got ", gram_restarts);
+    previous = r;
+  }
+  c.gram_restarts = gram_restarts.vec();
+  return c;
+}
+
 void check_muon_step_args(at::TensorList params, at::TensorList grads,
                           at::TensorList momentum_buffers, const at::Tensor& lr,
                           const MuonStepArgs& args, const c10::optional<at::Tensor>& grad_scale,
@@ -142,35 +167,23 @@ std::vector<Bucket> make_buckets(at::TensorList params) {
 }
 
 int64_t resolve_workspace_limit(int64_t workspace_limit) {
-  if (workspace_limit == -1) return kDefaultWorkspaceLimit;
-  TORCH_CHECK(workspace_limit >= 1,
-              "workspace_limit must be a number of bytes >= 1, or -1 for the default (",
-              kDefaultWorkspaceLimit, "), got ", workspace_limit);
-  return workspace_limit;
+  int64_t limit = 0;
+  try {
+    limit = resolve_workspace_limit_or_throw(workspace_limit);
+  } catch (const std::invalid_argument& e) {
+    TORCH_CHECK(false, e.what());  // a c10::Error: a ValueError-like RuntimeError in Python
+  }
+  return limit;
 }
 
 ChunkPlan plan_chunks(const std::vector<Bucket>& buckets, int64_t workspace_limit,
                       const std::function<int64_t(int64_t m, int64_t n)>& bytes_per_matrix) {
-  const int64_t limit = resolve_workspace_limit(workspace_limit);
-  ChunkPlan plan;
-  for (size_t k = 0; k < buckets.size(); ++k) {
-    const Bucket& b = buckets[k];
-    if (b.num_matrices == 0) continue;
-    const int64_t per = std::max<int64_t>(1, bytes_per_matrix(b.m, b.n));
-    const int64_t fit = std::max<int64_t>(1, std::min(b.num_matrices, limit / per));
-    // Balanced: ceil(N / fit) chunks of nearly equal size (never above `fit`), so the last
-    // chunk is not a lone small batch.
-    const int64_t num_chunks = (b.num_matrices + fit - 1) / fit;
-    const int64_t base = b.num_matrices / num_chunks, extra = b.num_matrices % num_chunks;
-    int64_t first = 0;
-    for (int64_t c = 0; c < num_chunks; ++c) {
-      const int64_t count = base + (c < extra ? 1 : 0);
-      plan.chunks.push_back(Chunk{k, first, count});
-      plan.max_chunk_bytes = std::max(plan.max_chunk_bytes, count * per);
-      first += count;
-    }
+  std::vector<int64_t> counts, bytes;
+  for (const Bucket& b : buckets) {
+    counts.push_back(b.num_matrices);
+    bytes.push_back(bytes_per_matrix(b.m, b.n));
   }
-  return plan;
+  return split_into_chunks(counts, bytes, resolve_workspace_limit(workspace_limit));
 }
 
 }  // namespace muon_ext

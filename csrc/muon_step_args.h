@@ -17,7 +17,30 @@
 #include <functional>
 #include <vector>
 
+#include "workspace_chunks.h"
+
 namespace muon_ext {
+
+// NOTE: [Newton-Schulz algorithm]
+// kStandard iterates X <- (aI + bA + cA²) X with A = X Xᵀ (torch's numerics). kGram (Gram
+// Newton-Schulz) computes the same polynomial in exact arithmetic on the m x m Gram matrix:
+// R = X Xᵀ, Q = I; per (a, b, c): Z = bR + cR², Q = QZ + aQ, R = Z(RZ + aR) + a(RZ + aR); at
+// the end X = QX. After each iteration count listed in gram_restarts it restarts (X = QX,
+// R = X Xᵀ, Q = I): half-precision R of a low-rank X has small negative eigenvalues that the
+// recurrence blows up. About 8αm³ + 28m³ FLOPs for 5 iterations and one restart against
+// 20αm³ + 10m³ (α = n / m), so it wins on wide buckets only. kAuto picks per bucket with a
+// device-specific rule (see use_gram in the CPU and CUDA implementations).
+enum class NsAlgorithm { kStandard, kGram, kAuto };
+
+struct NsConfig {
+  std::vector<double> coefficients;   // flat (a0, b0, c0, a1, b1, c1, ...)
+  NsAlgorithm algorithm = NsAlgorithm::kStandard;
+  std::vector<int64_t> gram_restarts;  // strictly increasing iteration counts >= 1
+};
+
+// Parses "standard" / "gram" / "auto" and checks gram_restarts; errors name the argument.
+NsConfig make_ns_config(std::vector<double> coefficients, double eps,
+                        c10::string_view ns_algorithm, at::IntArrayRef gram_restarts);
 
 struct MuonStepArgs {
   double momentum;
@@ -36,32 +59,7 @@ struct Bucket {
   int64_t num_matrices = 0;      // sum of the tensors' batch sizes
 };
 
-// NOTE: [Workspace budget]
-// Newton-Schulz needs scratch space proportional to the matrices it iterates on. Holding every
-// bucket's scratch at once makes a step's extra memory grow with the model (2.5x the params on
-// CPU, ~4.9 bytes per param on CUDA), so each bucket is orthogonalized in chunks of whole
-// matrices whose scratch fits `workspace_limit` bytes, and one allocation, sized for the
-// largest chunk, is reused by every chunk. A matrix whose scratch alone exceeds the limit is a
-// chunk of its own (the limit is then exceeded by exactly that matrix: it cannot be split).
-//
-// The default, 128 MiB, is chosen so that batching still pays: at 128 MiB a chunk of GPT-2-size
-// matrices (768 x 768) holds 27 of them in bf16 (6 fp32) and the batched GEMMs of one chunk
-// run for far longer than a launch costs, while 128 MiB is < 0.2% of an 80 GB GPU and below
-// 0.25x the params of any model with more than 512 MiB of matrices.
-constexpr int64_t kDefaultWorkspaceLimit = int64_t{128} << 20;
-
-// Matrices [first, first + count) of bucket `bucket`, numbered in bucket order (the bucket's
-// tensors in list order, each tensor's batch in order).
-struct Chunk {
-  size_t bucket = 0;
-  int64_t first = 0;
-  int64_t count = 0;
-};
-
-struct ChunkPlan {
-  std::vector<Chunk> chunks;   // bucket by bucket, in order
-  int64_t max_chunk_bytes = 0;  // scratch of the largest chunk: what the step allocates
-};
+// Chunks, ChunkPlan, kDefaultWorkspaceLimit: NOTE: [Workspace budget] in workspace_chunks.h.
 
 // -1 means kDefaultWorkspaceLimit; anything else must be >= 1 byte.
 int64_t resolve_workspace_limit(int64_t workspace_limit);

@@ -25,15 +25,23 @@ pytestmark = pytest.mark.skipif(not extension_available(), reason="needs the com
 SHAPES = [(24, 40), (40, 24), (5, 24, 40), (24, 40), (200, 180), (3, 7, 5), (64, 96)]
 
 
-def _params(dtype: torch.dtype, seed: int) -> tuple[list[torch.nn.Parameter], list[list[torch.Tensor]]]:
+def _params(
+    dtype: torch.dtype, seed: int, device: str = "cpu"
+) -> tuple[list[torch.nn.Parameter], list[list[torch.Tensor]]]:
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in SHAPES]
-    grads = [[torch.randn(s, generator=gen).to(dtype) for s in SHAPES] for _ in range(3)]
+    params = [
+        torch.nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype))
+        for s in SHAPES
+    ]
+    grads = [
+        [torch.randn(s, generator=gen).to(device=device, dtype=dtype) for s in SHAPES]
+        for _ in range(3)
+    ]
     return params, grads
 
 
-def _run(limit: int | None, dtype: torch.dtype, seed: int, nesterov: bool):
-    params, grads = _params(dtype, seed)
+def _run(limit: int | None, dtype: torch.dtype, seed: int, nesterov: bool, device: str = "cpu"):
+    params, grads = _params(dtype, seed, device)
     opt = Muon(params, lr=0.02, weight_decay=0.1, nesterov=nesterov, workspace_limit=limit)
     for step_grads in grads:
         for p, g in zip(params, step_grads):
@@ -44,15 +52,30 @@ def _run(limit: int | None, dtype: torch.dtype, seed: int, nesterov: bool):
     ]
 
 
+_DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=[
+            pytest.mark.cuda,
+            pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+        ],
+    ),
+]
+
+
+@pytest.mark.parametrize("device", _DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("nesterov", [True, False], ids=["nesterov", "plain"])
-def test_many_chunks_are_bit_identical_to_one(dtype, nesterov):
+def test_many_chunks_are_bit_identical_to_one(dtype, nesterov, device):
+    # CUDA: every chunk of a bucket runs the cuBLASLt algorithm chosen for the whole bucket
+    # (NOTE: [Chunk-independent algorithm] in newton_schulz.cu), so the bits cannot change.
     seed = int(torch.randint(0, 2**31 - 1, ()).item())
-    one_chunk = _run(1 << 40, dtype, seed, nesterov)
+    one_chunk = _run(1 << 40, dtype, seed, nesterov, device)
     # 1 byte: every matrix is a chunk of its own, and every matrix is larger than the limit.
     # 20 KB: about two 24x40 matrices per chunk, so a chunk boundary falls inside the 3-D stack.
     for limit in (1, 20_000, None):
-        chunked = _run(limit, dtype, seed, nesterov)
+        chunked = _run(limit, dtype, seed, nesterov, device)
         for a, b in zip(one_chunk[0] + one_chunk[1], chunked[0] + chunked[1]):
             assert torch.equal(a, b), f"limit={limit} seed={seed}"
 
@@ -96,8 +119,9 @@ def test_optimizer_reports_its_workspace_and_validates_the_limit():
         )
 
 
-def test_failure_after_allocation_before_first_write_changes_nothing(monkeypatch):
-    params, grads = _params(torch.float32, 0)
+@pytest.mark.parametrize("device", _DEVICES)
+def test_failure_after_allocation_before_first_write_changes_nothing(monkeypatch, device):
+    params, grads = _params(torch.float32, 0, device)
     opt = Muon(params, workspace_limit=20_000)
     for p, g in zip(params, grads[0]):
         p.grad = g.clone()
@@ -113,7 +137,7 @@ def test_failure_after_allocation_before_first_write_changes_nothing(monkeypatch
     assert all(torch.equal(a, opt.state[p]["momentum_buffer"]) for a, p in zip(momentum, params))
     monkeypatch.delenv("MUON_EXT_TEST_FAIL_BEFORE_WRITE")
     opt.step()  # and the retry applies the momentum once: as a step that never failed
-    twin_params, _ = _params(torch.float32, 0)
+    twin_params, _ = _params(torch.float32, 0, device)
     twin = Muon(twin_params, workspace_limit=20_000)
     for step_grads in grads[:2]:
         for p, g in zip(twin_params, step_grads):
@@ -163,3 +187,50 @@ def test_peak_extra_memory_is_bounded_as_the_model_grows():
     # Allowance: the limit, plus 4 MiB for allocator slack and BLAS packing buffers.
     bound = limit + (4 << 20)
     assert small <= bound and large <= bound, (small, large)
+
+
+# Llama-3-8B's Muon matrices of one layer (q, k, v, o, gate, up, down), bf16.
+_LLAMA3_8B_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096),
+                    (14336, 4096), (4096, 14336)]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_peak_extra_memory_of_a_llama3_8b_layer_is_bounded():
+    """max_memory_allocated around a step, state already made: the workspace limit, not the model.
+
+    Before chunking the step held two bf16 copies of every matrix (4 bytes per param, 0.87 GB for
+    this layer's 218M params) plus the Gram buffers. Now: one chunk's scratch (at most the
+    limit), plus torch's cuBLASLt workspace (32 MiB on Hopper, allocated once) and the fp32 copy
+    of lr.
+    """
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=torch.bfloat16) * 0.02)
+              for s in _LLAMA3_8B_LAYER]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = Muon(params, lr=0.02)
+    opt.step()  # creates the state; later steps allocate only the workspace
+    planned = opt.workspace_bytes()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    opt.step()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert planned <= ops.DEFAULT_WORKSPACE_LIMIT
+    assert extra <= planned + (40 << 20), (extra, planned)
+    assert all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_planned_workspace_follows_the_limit_not_the_model():
+    def planned(count: int, limit: int) -> int:
+        probes = [torch.empty((), device="cuda", dtype=torch.bfloat16).expand(1, 64, 256)
+                  for _ in range(count)]
+        return ops.muon_step_workspace_bytes(probes, limit)
+
+    limit = 1 << 20
+    assert planned(100, limit) == planned(1000, limit) <= limit
+    assert planned(1, 1) > 1  # a matrix larger than the limit is a chunk of its own

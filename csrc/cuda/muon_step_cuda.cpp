@@ -113,40 +113,83 @@ BlasResources blas_resources([[maybe_unused]] const at::TensorOptions& options, 
   return r;
 }
 
-// Phases 2-4 given phase-1-ready tensors: normalize, orthogonalize each bucket, write back.
-void orthogonalize_and_write_back(const char* op, std::vector<mk::MatrixTensor>& tensors,
-                                  const std::vector<mk::ShapeBucket>& buckets,
-                                  const mk::StepWorkspacePlan& plan, void* workspace,
-                                  const float* partials, mk::ElementType type,
-                                  mk::DirectionSource source, mk::WriteBack mode,
-                                  const mk::StepScalars& scalars,
-                                  const std::vector<double>& coefficients, bool force_legacy,
-                                  const at::TensorOptions& options, cudaStream_t stream) {
-  run_phase(op, [&] { mk::bind_ns_buffers(tensors, buckets, plan, workspace, 0); });
-  {
-    NvtxRange range("muon_ext::normalize");
-    run_phase(op, [&] { mk::launch_normalize(tensors, type, source, scalars, partials, stream); });
+// The CUDA step runs standard Newton-Schulz only: "auto" is standard here, "gram" is refused
+// (the Gram driver exists on the CPU; on CUDA it is not built yet).
+void check_cuda_ns_algorithm(const NsConfig& ns, const char* op) {
+  TORCH_CHECK_NOT_IMPLEMENTED(ns.algorithm != NsAlgorithm::kGram, op,
+                              ": ns_algorithm='gram' is implemented on the CPU only; on CUDA use "
+                              "'standard' or 'auto' (which is standard on CUDA)");
+}
+
+// NOTE: [Fault injection] (csrc/cpu/muon_step_cpu.cpp): MUON_EXT_TEST_FAIL_BEFORE_WRITE=1 throws
+// after everything that can fail is done and before the first write.
+void maybe_inject_failure(const char* op) {
+  const char* v = std::getenv("MUON_EXT_TEST_FAIL_BEFORE_WRITE");
+  TORCH_CHECK(v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0, op,
+              ": failure injected before the first write (MUON_EXT_TEST_FAIL_BEFORE_WRITE)");
+}
+
+// The whole step after the scalars are known: plan the chunks, allocate the workspace, take the
+// BLAS handles and workspace, build (or find cached) the GEMM plans -- everything that can fail
+// -- and only then run the phases, chunk by chunk (NOTE: [Chunked step] in muon_kernels.cuh).
+// A failure before run_step leaves params and momentum untouched.
+void plan_and_run(const char* op, const std::vector<mk::MatrixTensor>& tensors,
+                  const std::vector<mk::ShapeBucket>& buckets, mk::ElementType type,
+                  mk::DirectionSource source, mk::WriteBack mode, const mk::StepScalars& scalars,
+                  const std::vector<double>& coefficients, int64_t workspace_limit,
+                  bool force_legacy, const at::TensorOptions& options, cudaStream_t stream) {
+  mk::StepPlan plan;
+  run_phase(op, [&] { plan = mk::plan_step(tensors, buckets, type, workspace_limit); });
+  at::Tensor workspace =
+      at::empty({static_cast<int64_t>(plan.workspace_bytes)}, options.dtype(at::kByte));
+  void* ws = workspace.data_ptr();
+  const BlasResources blas = blas_resources(options, force_legacy);
+  mk::PreparedStep prepared;
+  run_phase(op, [&] { prepared = mk::prepare_step(plan, ws, blas.ctx); });
+  maybe_inject_failure(op);
+  NvtxRange range("muon_ext::step");
+  run_phase(op, [&] {
+    mk::run_step(plan, prepared, ws, type, source, mode, scalars, coefficients.data(),
+                 static_cast<int64_t>(coefficients.size()), blas.ctx, stream);
+  });
+}
+
+// Non-empty tensors of `params` (muon_step_'s 3-D views) as the kernels take them, and the
+// buckets re-indexed into that list. `grads` / `momentum_buffers` may be empty (planning only).
+struct KernelTensors {
+  std::vector<mk::MatrixTensor> tensors;
+  std::vector<mk::ShapeBucket> buckets;
+};
+
+KernelTensors kernel_tensors(at::TensorList params, at::TensorList grads,
+                             at::TensorList momentum_buffers, at::ArrayRef<double> update_scales,
+                             const std::vector<Bucket>& buckets) {
+  KernelTensors k;
+  std::vector<int64_t> compact(params.size(), -1);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    if (p.numel() == 0) continue;
+    compact[i] = static_cast<int64_t>(k.tensors.size());
+    mk::MatrixTensor t;
+    if (!grads.empty()) t.src = grads[i].data_ptr();
+    if (!momentum_buffers.empty()) t.momentum = momentum_buffers[i].data_ptr<float>();
+    t.dst = p.data_ptr();
+    t.batch = p.size(0);
+    t.rows = p.size(1);
+    t.cols = p.size(2);
+    if (!update_scales.empty()) t.update_scale = static_cast<float>(update_scales[i]);
+    k.tensors.push_back(t);
   }
-  int result = 0;
-  {
-    NvtxRange range("muon_ext::newton_schulz");
-    const BlasResources blas = blas_resources(options, force_legacy);
-    for (size_t k = 0; k < buckets.size(); ++k) {
-      const mk::ShapeBucket& b = buckets[k];
-      run_phase(op, [&] {
-        result = mk::newton_schulz_batched(
-            b.num_matrices, b.m, b.n, coefficients.data(),
-            static_cast<int64_t>(coefficients.size()),
-            mk::bucket_ns_buffers(plan, k, workspace), blas.ctx, stream);
-      });
-    }
+  k.buckets.reserve(buckets.size());
+  for (const Bucket& b : buckets) {
+    mk::ShapeBucket sb;
+    sb.m = b.m;
+    sb.n = b.n;
+    sb.num_matrices = b.num_matrices;
+    for (int64_t i : b.tensors) sb.tensors.push_back(compact[static_cast<size_t>(i)]);
+    k.buckets.push_back(std::move(sb));
   }
-  // Every bucket ran the same number of iterations, so its result is in the same X buffer.
-  run_phase(op, [&] { mk::bind_ns_buffers(tensors, buckets, plan, workspace, result); });
-  {
-    NvtxRange range("muon_ext::update");
-    run_phase(op, [&] { mk::launch_write_back(tensors, type, mode, scalars, stream); });
-  }
+  return k;
 }
 
 void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -154,8 +197,11 @@ void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     double eps, at::ArrayRef<double> ns_coefficients,
                     at::ArrayRef<double> update_scales,
                     const c10::optional<at::Tensor>& grad_scale,
-                    const c10::optional<at::Tensor>& found_inf, int64_t workspace_limit) {
+                    const c10::optional<at::Tensor>& found_inf, int64_t workspace_limit,
+                    c10::string_view ns_algorithm, at::IntArrayRef gram_restarts) {
   resolve_workspace_limit(workspace_limit);  // a bad limit is rejected before any work
+  check_cuda_ns_algorithm(
+      make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts), "muon_step_");
   MuonStepArgs args{momentum,
                     nesterov,
                     weight_decay,
@@ -190,58 +236,40 @@ void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
     scalars.grad_scale = device_scalar(*grad_scale, grad_scale_keep, scalars.grad_scale_value);
   }
 
-  // Non-empty tensors, in list order; buckets re-indexed into that list.
-  std::vector<mk::MatrixTensor> tensors;
-  std::vector<int64_t> compact(params.size(), -1);
+  const KernelTensors k =
+      kernel_tensors(params, grads, momentum_buffers, update_scales, buckets);
+  plan_and_run("muon_step_", k.tensors, k.buckets, element_type(params[0].scalar_type()),
+               mk::DirectionSource::kMomentum, mk::WriteBack::kApplyUpdate, scalars,
+               args.ns_coefficients, workspace_limit, force_legacy, options, stream);
+}
+
+// The bytes muon_step_ would allocate for these params (shapes and dtype only: nothing is read).
+int64_t muon_step_workspace_bytes_cuda(at::TensorList params, int64_t workspace_limit,
+                                       c10::string_view ns_algorithm) {
+  check_cuda_ns_algorithm(make_ns_config({1.0, 0.0, 0.0}, 0.0, ns_algorithm, {}),
+                          "muon_step_workspace_bytes");
   for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    if (p.numel() == 0) continue;
-    compact[i] = static_cast<int64_t>(tensors.size());
-    mk::MatrixTensor t;
-    t.src = grads[i].data_ptr();
-    t.momentum = momentum_buffers[i].data_ptr<float>();
-    t.dst = p.data_ptr();
-    t.batch = p.size(0);
-    t.rows = p.size(1);
-    t.cols = p.size(2);
-    t.update_scale = static_cast<float>(update_scales[i]);
-    tensors.push_back(t);
+    TORCH_CHECK(params[i].dim() == 3, "muon_step_workspace_bytes: params[", i,
+                "] must be a 3-D (batch, rows, cols) view, got shape ", params[i].sizes());
   }
-  std::vector<mk::ShapeBucket> shape_buckets;
-  shape_buckets.reserve(buckets.size());
-  for (const Bucket& b : buckets) {
-    mk::ShapeBucket sb;
-    sb.m = b.m;
-    sb.n = b.n;
-    sb.num_matrices = b.num_matrices;
-    for (int64_t i : b.tensors) sb.tensors.push_back(compact[static_cast<size_t>(i)]);
-    shape_buckets.push_back(std::move(sb));
-  }
-
-  mk::StepWorkspacePlan plan;
-  run_phase("muon_step_", [&] { plan = mk::plan_step_workspace(tensors, shape_buckets); });
-  at::Tensor workspace =
-      at::empty({static_cast<int64_t>(plan.total_bytes)}, options.dtype(at::kByte));
-  void* ws = workspace.data_ptr();
-  float* partials = reinterpret_cast<float*>(static_cast<char*>(ws) + plan.partials_offset);
-  const mk::ElementType type = element_type(params[0].scalar_type());
-
-  {
-    NvtxRange range("muon_ext::momentum");
-    run_phase("muon_step_", [&] {
-      mk::launch_norm_partials(tensors, type, mk::DirectionSource::kMomentum, scalars, partials,
-                               stream);
-    });
-  }
-  orthogonalize_and_write_back("muon_step_", tensors, shape_buckets, plan, ws, partials, type,
-                               mk::DirectionSource::kMomentum, mk::WriteBack::kApplyUpdate,
-                               scalars, args.ns_coefficients, force_legacy, options, stream);
+  resolve_workspace_limit(workspace_limit);
+  if (params.empty()) return 0;
+  const std::vector<Bucket> buckets = make_buckets(params);
+  const KernelTensors k = kernel_tensors(params, {}, {}, {}, buckets);
+  mk::StepPlan plan;
+  run_phase("muon_step_workspace_bytes", [&] {
+    plan = mk::plan_step(k.tensors, k.buckets, element_type(params[0].scalar_type()),
+                         workspace_limit);
+  });
+  return static_cast<int64_t>(plan.workspace_bytes);
 }
 
 at::Tensor newton_schulz_cuda(const at::Tensor& x, at::ArrayRef<double> ns_coefficients,
-                              double eps) {
+                              double eps, c10::string_view ns_algorithm,
+                              at::IntArrayRef gram_restarts) {
   const std::vector<double> coefficients(ns_coefficients.begin(), ns_coefficients.end());
-  check_ns_coefficients(coefficients, eps);
+  check_cuda_ns_algorithm(make_ns_config(coefficients, eps, ns_algorithm, gram_restarts),
+                          "newton_schulz");
   const bool force_legacy = force_legacy_blas();
   TORCH_CHECK(x.is_cuda(), "newton_schulz: x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 3, "newton_schulz: x must be a 3-D (batch, rows, cols) tensor, got shape ",
@@ -272,23 +300,9 @@ at::Tensor newton_schulz_cuda(const at::Tensor& x, at::ArrayRef<double> ns_coeff
 
   mk::StepScalars scalars;
   scalars.eps = eps;
-  mk::StepWorkspacePlan plan;
-  run_phase("newton_schulz", [&] { plan = mk::plan_step_workspace(tensors, buckets); });
-  at::Tensor workspace =
-      at::empty({static_cast<int64_t>(plan.total_bytes)}, input.options().dtype(at::kByte));
-  void* ws = workspace.data_ptr();
-  float* partials = reinterpret_cast<float*>(static_cast<char*>(ws) + plan.partials_offset);
-  const mk::ElementType type = element_type(dtype);
-  {
-    NvtxRange range("muon_ext::normalize");  // the norm is part of normalizing here
-    run_phase("newton_schulz", [&] {
-      mk::launch_norm_partials(tensors, type, mk::DirectionSource::kInput, scalars, partials,
-                               stream);
-    });
-  }
-  orthogonalize_and_write_back("newton_schulz", tensors, buckets, plan, ws, partials, type,
-                               mk::DirectionSource::kInput, mk::WriteBack::kCopy, scalars,
-                               coefficients, force_legacy, input.options(), stream);
+  plan_and_run("newton_schulz", tensors, buckets, element_type(dtype), mk::DirectionSource::kInput,
+               mk::WriteBack::kCopy, scalars, coefficients, /*workspace_limit=*/-1, force_legacy,
+               input.options(), stream);
   return out;
 }
 
@@ -298,4 +312,5 @@ at::Tensor newton_schulz_cuda(const at::Tensor& x, at::ArrayRef<double> ns_coeff
 TORCH_LIBRARY_IMPL(muon_ext, CUDA, m) {
   m.impl("muon_step_", TORCH_FN(muon_ext::muon_step_cuda));
   m.impl("newton_schulz", TORCH_FN(muon_ext::newton_schulz_cuda));
+  m.impl("muon_step_workspace_bytes", TORCH_FN(muon_ext::muon_step_workspace_bytes_cuda));
 }

@@ -22,6 +22,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 namespace muon_ext {
@@ -80,15 +81,42 @@ struct ShapeBucket {
   int64_t num_matrices = 0;
 };
 
-// Byte offsets into one device allocation holding everything a step needs (256-byte aligned).
-struct StepWorkspacePlan {
-  size_t total_bytes = 0;
-  size_t partials_offset = 0;          // float[num_partials], phase 1 -> phase 2
+// NOTE: [Chunked step]
+// A step runs its shape buckets chunk by chunk (NOTE: [Workspace budget] in workspace_chunks.h):
+// all four phases for one chunk of whole matrices, then the next chunk, in one reused workspace.
+// Each matrix goes through exactly the same launches and GEMMs whatever the chunking (its
+// partials, its normalization, its batched GEMMs, its write-back are per matrix), so the result
+// is bit-identical for any workspace limit. Phase 1 per chunk also bounds the partial sums.
+//
+// A chunk's tensors are slices of the caller's: matrices [first, first + count) of a bucket may
+// start inside a 3-D tensor and end inside another; each slice's pointers are offset to its first
+// matrix. Layout of the workspace for one chunk (regions 256-byte aligned, cuBLASLt's default
+// operand alignment; the allocation is the largest chunk's layout):
+//   partials  float[num_partials]     phase 1 -> phase 2, one per kNormChunk of a matrix
+//   X0, X1    bf16[count * m * n]     ping-pong Newton-Schulz iterates
+//   gram      bf16[count * m * m]     A = X Xᵀ
+//   poly      bf16[count * m * m]     B = b A + c A A
+struct StepChunk {
+  size_t bucket = 0;
+  int64_t bucket_matrices = 0;  // of the whole bucket: the batch the GEMM heuristic is asked at
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t count = 0;                 // matrices in the chunk
+  std::vector<MatrixTensor> tensors;  // the chunk's slices of the caller's tensors, bucket order
   int64_t num_partials = 0;
-  std::vector<size_t> x_offset[2];     // per bucket: the ping-pong X buffers, num_matrices*m*n bf16
-  size_t gram_offset = 0;              // shared by all buckets: max(num_matrices*m*m) bf16
-  size_t poly_offset = 0;              // same size as gram
+  size_t x_offset[2] = {0, 0};
+  size_t gram_offset = 0;
+  size_t poly_offset = 0;
+  size_t bytes = 0;  // end of this chunk's layout
 };
+
+struct StepPlan {
+  std::vector<StepChunk> chunks;
+  size_t workspace_bytes = 0;  // max over chunks of StepChunk::bytes: the one allocation
+};
+
+// Scratch of one chunk of `count` m x n matrices, alignment padding included.
+size_t chunk_workspace_bytes(int64_t count, int64_t m, int64_t n);
 
 // Buffers of one bucket's Newton-Schulz iterations (all bf16, contiguous strided batches).
 struct NsBuffers {
@@ -114,16 +142,52 @@ struct BlasContext {
 // Number of fp32 partial sums phase 1 writes for this list.
 int64_t count_norm_partials(const std::vector<MatrixTensor>& tensors);
 
-// Lays out partials, the per-bucket X ping-pong buffers and the shared Gram / polynomial
-// buffers. Throws std::invalid_argument when a tensor does not match its bucket's (m, n).
-StepWorkspacePlan plan_step_workspace(const std::vector<MatrixTensor>& tensors,
-                                      const std::vector<ShapeBucket>& buckets);
+// Splits the buckets into chunks whose workspace fits `workspace_limit` bytes (-1: the default;
+// a single matrix bigger than the limit is a chunk of its own) and lays each chunk out. Throws
+// std::invalid_argument when a tensor does not match its bucket's (m, n) or the limit is bad.
+StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
+                   const std::vector<ShapeBucket>& buckets, ElementType type,
+                   int64_t workspace_limit);
 
-// Points every bucketed tensor's ns_x at its first matrix in X buffer `which` (0 or 1).
-void bind_ns_buffers(std::vector<MatrixTensor>& tensors, const std::vector<ShapeBucket>& buckets,
-                     const StepWorkspacePlan& plan, void* workspace, int which);
+// The buffers of one chunk in a workspace laid out by plan_step; binds every slice's ns_x to its
+// first matrix in X buffer `which` (0 or 1).
+NsBuffers chunk_ns_buffers(const StepChunk& chunk, void* workspace);
+void bind_chunk_ns_buffers(StepChunk& chunk, void* workspace, int which);
 
-NsBuffers bucket_ns_buffers(const StepWorkspacePlan& plan, size_t bucket, void* workspace);
+// The cuBLASLt algorithms of one bucket's three GEMMs (see newton_schulz.cu), chosen by the
+// heuristic once per (handle, shape, batch, alignment, workspace size) and cached process-wide:
+// steps after the first query nothing. Empty (all null): every GEMM takes the legacy path.
+class LtGemm;
+struct NsGemmPlan {
+  std::shared_ptr<const LtGemm> gram;
+  std::shared_ptr<const LtGemm> poly;
+  std::shared_ptr<const LtGemm> update;
+};
+
+// Builds (or finds in the cache) the GEMM plans for `batch` m x n matrices in `buffers`, with
+// the algorithms the heuristic picks for `heuristic_batch` matrices when cuBLASLt accepts them
+// at `batch` (the step passes the bucket's matrix count, so that every chunking of a bucket runs
+// the same algorithm; < 1 means `batch`). Throws std::runtime_error on a cuBLASLt failure: call
+// it before anything is written.
+NsGemmPlan plan_newton_schulz(int64_t batch, int64_t m, int64_t n, const NsBuffers& buffers,
+                              const BlasContext& blas, int64_t heuristic_batch = -1);
+
+// GEMM plans built so far by plan_newton_schulz in this process (cache misses, each one or two
+// heuristic queries); tests use it to show that a second step queries nothing.
+int64_t lt_gemm_plans_built();
+
+// Everything a step can fail on before its first write, done: one GEMM plan per chunk.
+struct PreparedStep {
+  std::vector<NsGemmPlan> gemm;
+};
+PreparedStep prepare_step(const StepPlan& plan, void* workspace, const BlasContext& blas);
+
+// Runs the four phases chunk by chunk (NOTE: [Chunked step]). `workspace` holds
+// plan.workspace_bytes; `prepared` comes from prepare_step on the same plan and workspace.
+void run_step(StepPlan& plan, const PreparedStep& prepared, void* workspace, ElementType type,
+              DirectionSource source, WriteBack mode, const StepScalars& scalars,
+              const double* coefficients, int64_t num_coefficients, const BlasContext& blas,
+              cudaStream_t stream);
 
 // ---- phases (asynchronous on `stream`; throw std::runtime_error on a failed launch) ----
 
@@ -140,9 +204,11 @@ void launch_normalize(const std::vector<MatrixTensor>& tensors, ElementType type
 // Phase 3: runs num_coefficients / 3 iterations on `batch` m x n matrices starting in
 // buffers.x[0]; returns the index (0 or 1) of the buffer holding the result, i.e.
 // (num_coefficients / 3) % 2. `coefficients` is the flat host list (a0, b0, c0, a1, ...).
+// `plan` from plan_newton_schulz for the same batch, shape and buffers; nullptr plans here.
 int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coefficients,
                           int64_t num_coefficients, const NsBuffers& buffers,
-                          const BlasContext& blas, cudaStream_t stream);
+                          const BlasContext& blas, cudaStream_t stream,
+                          const NsGemmPlan* plan = nullptr);
 
 // Phase 4: reads every tensor's ns_x (which must point at the buffer newton_schulz_batched
 // returned) with the transposition undone, and writes dst.

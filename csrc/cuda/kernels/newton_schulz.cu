@@ -45,7 +45,10 @@
 #include <climits>
 #include <cstdint>
 #include <initializer_list>
+#include <map>
 #include <memory>
+#include <mutex>
+#include <vector>
 #include <stdexcept>
 #include <string>
 
@@ -75,6 +78,10 @@ void check_cuda(cudaError_t err, const char* what) {
   }
 }
 
+}  // namespace
+
+// Owners of cuBLASLt descriptors (outside the anonymous namespace: LtGemm, which holds them, is
+// named in muon_kernels.cuh).
 struct LtDestroy {
   void operator()(cublasLtMatmulDescOpaque_t* p) const { cublasLtMatmulDescDestroy(p); }
   void operator()(cublasLtMatrixLayoutOpaque_t* p) const { cublasLtMatrixLayoutDestroy(p); }
@@ -83,6 +90,8 @@ struct LtDestroy {
 using LtMatmulDesc = std::unique_ptr<cublasLtMatmulDescOpaque_t, LtDestroy>;
 using LtLayout = std::unique_ptr<cublasLtMatrixLayoutOpaque_t, LtDestroy>;
 using LtPreference = std::unique_ptr<cublasLtMatmulPreferenceOpaque_t, LtDestroy>;
+
+namespace {
 
 // One strided-batched GEMM in column-major terms: D = alpha op(A) op(B) + beta C, D is M x N,
 // the reduction dimension is K. ld_d == ld_c and stride_d == stride_c (D and C share a layout).
@@ -139,13 +148,16 @@ LtLayout make_layout(int64_t rows, int64_t cols, int64_t ld, int64_t batch, int6
   return layout;
 }
 
-// A cuBLASLt GEMM whose algorithm is chosen once per newton_schulz_batched call (the three
-// GEMMs of an iteration keep their shapes for all iterations; only pointers and scalars change).
+}  // namespace
+
+// A cuBLASLt GEMM: its descriptors and the heuristic's algorithm for one shape, batch and set of
+// alignments. Immutable once built, so one instance serves every step and thread (cached by
+// plan_newton_schulz; cublasLtMatmul only reads the descriptors).
 class LtGemm {
  public:
   // align_*: bytes every pointer this GEMM will see for that operand is aligned to.
-  LtGemm(const BlasContext& blas, const GemmShape& s, uint32_t align_a, uint32_t align_b,
-         uint32_t align_c, uint32_t align_d) {
+  LtGemm(const BlasContext& blas, const GemmShape& s, int64_t heuristic_batch, uint32_t align_a,
+         uint32_t align_b, uint32_t align_c, uint32_t align_d) {
     cublasLtMatmulDesc_t desc = nullptr;
     check_cublas(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F),
                  "cublasLtMatmulDescCreate");
@@ -186,11 +198,37 @@ class LtGemm {
                    "cublasLtMatmulPreferenceSetAttribute(MIN_ALIGNMENT)");
     }
 
+    // NOTE: [Chunk-independent algorithm]: ask the heuristic at `heuristic_batch` (the bucket's
+    // matrix count, a property of the model), then run that algorithm at the chunk's batch if
+    // cuBLASLt accepts it there. Every chunk of a bucket then uses the same algorithm whatever
+    // the workspace limit, so chunking does not change a bit of the result.
     cublasLtMatmulHeuristicResult_t result{};
     int returned = 0;
-    const cublasStatus_t status =
-        cublasLtMatmulAlgoGetHeuristic(blas.lt, desc, a_.get(), b_.get(), c_.get(), c_.get(),
-                                       raw_pref, 1, &result, &returned);
+    cublasStatus_t status = CUBLAS_STATUS_SUCCESS;
+    if (heuristic_batch != s.batch && heuristic_batch >= 1) {
+      GemmShape q = s;
+      q.batch = heuristic_batch;
+      const LtLayout qa = make_layout(q.a_rows(), q.a_cols(), q.ld_a, q.batch, q.stride_a);
+      const LtLayout qb = make_layout(q.b_rows(), q.b_cols(), q.ld_b, q.batch, q.stride_b);
+      const LtLayout qc = make_layout(q.M, q.N, q.ld_c, q.batch, q.stride_c);
+      status = cublasLtMatmulAlgoGetHeuristic(blas.lt, desc, qa.get(), qb.get(), qc.get(),
+                                              qc.get(), raw_pref, 1, &result, &returned);
+      if (status == CUBLAS_STATUS_SUCCESS && returned >= 1 &&
+          result.state == CUBLAS_STATUS_SUCCESS) {
+        cublasLtMatmulHeuristicResult_t checked{};
+        if (cublasLtMatmulAlgoCheck(blas.lt, desc, a_.get(), b_.get(), c_.get(), c_.get(),
+                                    &result.algo, &checked) == CUBLAS_STATUS_SUCCESS &&
+            checked.state == CUBLAS_STATUS_SUCCESS &&
+            checked.workspaceSize <= workspace) {
+          algo_ = result.algo;
+          ok_ = true;
+          return;
+        }
+      }
+      returned = 0;  // not usable at this batch: ask for this batch itself
+    }
+    status = cublasLtMatmulAlgoGetHeuristic(blas.lt, desc, a_.get(), b_.get(), c_.get(), c_.get(),
+                                            raw_pref, 1, &result, &returned);
     if (status == CUBLAS_STATUS_NOT_SUPPORTED) return;  // no algorithm: legacy fallback
     check_cublas(status, "cublasLtMatmulAlgoGetHeuristic");
     if (returned < 1 || result.state != CUBLAS_STATUS_SUCCESS) return;
@@ -217,6 +255,8 @@ class LtGemm {
   cublasLtMatmulAlgo_t algo_{};
   bool ok_ = false;
 };
+
+namespace {
 
 int checked_int(int64_t v, const char* what) {
   if (v < 0 || v > INT_MAX) {
@@ -280,11 +320,93 @@ void legacy_gemm(const BlasContext& blas, const GemmShape& s, const bf16* A, con
       "cublasGemmStridedBatchedEx");
 }
 
+// The three GEMM shapes of one bucket's iteration. See NOTE: [Row-major matrices in column-major
+// BLAS] for every number here.
+struct IterationShapes {
+  GemmShape gram, poly, update;
+};
+
+IterationShapes iteration_shapes(int64_t batch, int64_t m, int64_t n) {
+  const int64_t mn = m * n;
+  const int64_t mm = m * m;
+  return IterationShapes{
+      GemmShape{CUBLAS_OP_T, CUBLAS_OP_N, /*M=*/m, /*N=*/m, /*K=*/n, /*ld_a=*/n, /*ld_b=*/n,
+                /*ld_c=*/m, /*stride_a=*/mn, /*stride_b=*/mn, /*stride_c=*/mm, batch},
+      GemmShape{CUBLAS_OP_N, CUBLAS_OP_N, /*M=*/m, /*N=*/m, /*K=*/m, /*ld_a=*/m, /*ld_b=*/m,
+                /*ld_c=*/m, /*stride_a=*/mm, /*stride_b=*/mm, /*stride_c=*/mm, batch},
+      GemmShape{CUBLAS_OP_N, CUBLAS_OP_N, /*M=*/n, /*N=*/m, /*K=*/m, /*ld_a=*/n, /*ld_b=*/m,
+                /*ld_c=*/n, /*stride_a=*/mn, /*stride_b=*/mm, /*stride_c=*/mn, batch}};
+}
+
+// NOTE: [GEMM plan cache]
+// The heuristic's answer depends only on the handle (hence the device), the GEMM's shape and
+// batch, the operands' alignments and the workspace size, so it is cached under exactly that key:
+// a training loop queries the heuristic on its first step and never again. Entries are
+// immutable and shared; the cache is bounded (cleared past kMaxCachedGemms entries, a safety
+// net for shape-changing workloads: live plans keep their entries alive).
+constexpr size_t kMaxCachedGemms = 4096;
+
+struct GemmCache {
+  std::mutex mutex;
+  std::map<std::vector<int64_t>, std::shared_ptr<const LtGemm>> entries;
+  int64_t queries = 0;
+};
+
+GemmCache& gemm_cache() {
+  static GemmCache* cache = new GemmCache();  // never destroyed: usable during process exit
+  return *cache;
+}
+
+std::shared_ptr<const LtGemm> cached_gemm(const BlasContext& blas, const GemmShape& s,
+                                          int64_t heuristic_batch, uint32_t align_a, uint32_t align_b, uint32_t align_c,
+                                          uint32_t align_d) {
+  const uint64_t workspace = blas.lt_workspace != nullptr ? blas.lt_workspace_bytes : 0;
+  const std::vector<int64_t> key{
+      static_cast<int64_t>(reinterpret_cast<uintptr_t>(blas.lt)), static_cast<int64_t>(workspace),
+      s.trans_a, s.trans_b, s.M, s.N, s.K, s.ld_a, s.ld_b, s.ld_c, s.stride_a, s.stride_b,
+      s.stride_c, s.batch, heuristic_batch, align_a, align_b, align_c, align_d};
+  GemmCache& cache = gemm_cache();
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    auto it = cache.entries.find(key);
+    if (it != cache.entries.end()) return it->second;
+  }
+  // Built outside the lock (the heuristic can take a while); a racing thread builds the same.
+  auto gemm = std::make_shared<const LtGemm>(blas, s, heuristic_batch, align_a, align_b, align_c,
+                                             align_d);
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  ++cache.queries;
+  if (cache.entries.size() >= kMaxCachedGemms) cache.entries.clear();
+  return cache.entries.emplace(key, std::move(gemm)).first->second;
+}
+
 }  // namespace
+
+int64_t lt_gemm_plans_built() {
+  GemmCache& cache = gemm_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  return cache.queries;
+}
+
+NsGemmPlan plan_newton_schulz(int64_t batch, int64_t m, int64_t n, const NsBuffers& buffers,
+                              const BlasContext& blas, int64_t heuristic_batch) {
+  NsGemmPlan plan;
+  if (blas.force_legacy || blas.lt == nullptr) return plan;  // every GEMM takes the legacy path
+  const IterationShapes s = iteration_shapes(batch, m, n);
+  const uint32_t x_align = operand_alignment({buffers.x[0], buffers.x[1]}, n, m * n);
+  const uint32_t gram_align = operand_alignment({buffers.gram}, m, m * m);
+  const uint32_t poly_align = operand_alignment({buffers.poly}, m, m * m);
+  if (heuristic_batch < 1) heuristic_batch = batch;
+  plan.gram = cached_gemm(blas, s.gram, heuristic_batch, x_align, x_align, gram_align, gram_align);
+  plan.poly = cached_gemm(blas, s.poly, heuristic_batch, gram_align, gram_align, gram_align, poly_align);
+  plan.update = cached_gemm(blas, s.update, heuristic_batch, x_align, poly_align, x_align, x_align);
+  return plan;
+}
 
 int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coefficients,
                           int64_t num_coefficients, const NsBuffers& buffers,
-                          const BlasContext& blas, cudaStream_t stream) {
+                          const BlasContext& blas, cudaStream_t stream,
+                          const NsGemmPlan* plan) {
   if (batch < 1 || batch > INT32_MAX || m < 1 || n < m) {
     throw std::invalid_argument("muon_ext newton_schulz: need 1 <= batch <= 2^31-1 and "
                                 "1 <= m <= n, got batch=" + std::to_string(batch) +
@@ -301,31 +423,14 @@ int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coe
     throw std::invalid_argument("muon_ext newton_schulz: no cuBLASLt or cuBLAS handle");
   }
 
-  // See NOTE: [Row-major matrices in column-major BLAS] for every number below.
-  const int64_t mn = m * n;
-  const int64_t mm = m * m;
-  const GemmShape gram_shape{CUBLAS_OP_T, CUBLAS_OP_N, /*M=*/m, /*N=*/m, /*K=*/n,
-                             /*ld_a=*/n,  /*ld_b=*/n,  /*ld_c=*/m,
-                             /*stride_a=*/mn, /*stride_b=*/mn, /*stride_c=*/mm, batch};
-  const GemmShape poly_shape{CUBLAS_OP_N, CUBLAS_OP_N, /*M=*/m, /*N=*/m, /*K=*/m,
-                             /*ld_a=*/m,  /*ld_b=*/m,  /*ld_c=*/m,
-                             /*stride_a=*/mm, /*stride_b=*/mm, /*stride_c=*/mm, batch};
-  const GemmShape update_shape{CUBLAS_OP_N, CUBLAS_OP_N, /*M=*/n, /*N=*/m, /*K=*/m,
-                               /*ld_a=*/n,  /*ld_b=*/m,  /*ld_c=*/n,
-                               /*stride_a=*/mn, /*stride_b=*/mm, /*stride_c=*/mn, batch};
-
-  std::unique_ptr<LtGemm> gram_gemm, poly_gemm, update_gemm;
-  if (!blas.force_legacy && blas.lt != nullptr) {
-    const uint32_t x_align = operand_alignment({buffers.x[0], buffers.x[1]}, n, mn);
-    const uint32_t gram_align = operand_alignment({buffers.gram}, m, mm);
-    const uint32_t poly_align = operand_alignment({buffers.poly}, m, mm);
-    gram_gemm = std::make_unique<LtGemm>(blas, gram_shape, x_align, x_align, gram_align,
-                                         gram_align);
-    poly_gemm = std::make_unique<LtGemm>(blas, poly_shape, gram_align, gram_align, gram_align,
-                                         poly_align);
-    update_gemm = std::make_unique<LtGemm>(blas, update_shape, x_align, poly_align, x_align,
-                                           x_align);
-  }
+  const IterationShapes shapes = iteration_shapes(batch, m, n);
+  const GemmShape& gram_shape = shapes.gram;
+  const GemmShape& poly_shape = shapes.poly;
+  const GemmShape& update_shape = shapes.update;
+  const NsGemmPlan gemms = plan != nullptr ? *plan : plan_newton_schulz(batch, m, n, buffers, blas);
+  const LtGemm* gram_gemm = gemms.gram.get();
+  const LtGemm* poly_gemm = gemms.poly.get();
+  const LtGemm* update_gemm = gemms.update.get();
   auto gemm = [&](const LtGemm* lt, const GemmShape& s, const bf16* A, const bf16* B,
                   const bf16* C, bf16* D, float alpha, float beta) {
     if (lt != nullptr && lt->ok()) {
@@ -343,12 +448,12 @@ int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coe
     bf16* x = buffers.x[cur];
     bf16* x_next = buffers.x[1 - cur];
     // A = X Xᵀ
-    gemm(gram_gemm.get(), gram_shape, x, x, buffers.gram, buffers.gram, 1.f, 0.f);
+    gemm(gram_gemm, gram_shape, x, x, buffers.gram, buffers.gram, 1.f, 0.f);
     // B = c A A + b A
-    gemm(poly_gemm.get(), poly_shape, buffers.gram, buffers.gram, buffers.gram, buffers.poly, c,
+    gemm(poly_gemm, poly_shape, buffers.gram, buffers.gram, buffers.gram, buffers.poly, c,
          b);
     // X' = B X + a X  (column-major: X_c B_c + a X_c)
-    gemm(update_gemm.get(), update_shape, x, buffers.poly, x, x_next, 1.f, a);
+    gemm(update_gemm, update_shape, x, buffers.poly, x, x_next, 1.f, a);
     cur = 1 - cur;
   }
   return cur;

@@ -1,13 +1,5 @@
-// Host-side planning of a step's device workspace (torch-free, no device work).
-//
-// NOTE: [Workspace layout]
-// One allocation, every region 256-byte aligned (cuBLASLt's default operand alignment):
-//   partials  float[num_partials]            phase 1 -> phase 2, one per kNormChunk of a matrix
-//   per bucket k: X0_k, X1_k                 bf16[num_matrices_k * m_k * n_k] each (ping-pong)
-//   gram, poly                               bf16[max_k num_matrices_k * m_k * m_k] each
-// The X buffers are per bucket because phase 4 reads every bucket's result after all buckets
-// have been orthogonalized; gram and poly are scratch of one bucket's iterations, and the
-// buckets run one after the other on one stream, so one pair serves them all.
+// Host-side planning of a step's device workspace and the chunk-by-chunk driver of its phases
+// (torch-free). See NOTE: [Chunked step] in muon_kernels.cuh for the layout.
 #include <algorithm>
 #include <stdexcept>
 #include <string>
@@ -15,6 +7,7 @@
 
 #include "multi_matrix_apply.cuh"
 #include "muon_kernels.cuh"
+#include "workspace_chunks.h"
 
 namespace muon_ext {
 namespace cuda {
@@ -64,64 +57,147 @@ int64_t count_norm_partials(const std::vector<MatrixTensor>& tensors) {
   return total;
 }
 
-StepWorkspacePlan plan_step_workspace(const std::vector<MatrixTensor>& tensors,
-                                      const std::vector<ShapeBucket>& buckets) {
-  StepWorkspacePlan plan;
-  size_t offset = 0;
-  plan.num_partials = count_norm_partials(tensors);
-  plan.partials_offset = offset;
-  offset = align_up(offset + static_cast<size_t>(plan.num_partials) * sizeof(float));
-  size_t gram_elems = 0;
+size_t chunk_workspace_bytes(int64_t count, int64_t m, int64_t n) {
+  const size_t c = static_cast<size_t>(count), mm = static_cast<size_t>(m) * static_cast<size_t>(m),
+               mn = static_cast<size_t>(m) * static_cast<size_t>(n);
+  const size_t partials = c * static_cast<size_t>(detail::norm_chunks_per_matrix(m, n));
+  return align_up(partials * sizeof(float)) + 2 * align_up(c * mn * sizeof(__nv_bfloat16)) +
+         2 * align_up(c * mm * sizeof(__nv_bfloat16));
+}
+
+namespace {
+
+size_t element_bytes(ElementType type) { return type == ElementType::kFloat32 ? 4 : 2; }
+
+// Matrices [first, first + count) of bucket b as slices of the caller's tensors.
+std::vector<MatrixTensor> chunk_slices(const std::vector<MatrixTensor>& tensors,
+                                       const ShapeBucket& b, int64_t first, int64_t count,
+                                       ElementType type) {
+  std::vector<MatrixTensor> out;
+  const size_t esize = element_bytes(type);
+  int64_t tensor_first = 0;  // bucket index of the tensor's first matrix
+  for (int64_t ti : b.tensors) {
+    const MatrixTensor& t = tensors[static_cast<size_t>(ti)];
+    const int64_t lo = std::max(first, tensor_first);
+    const int64_t hi = std::min(first + count, tensor_first + t.batch);
+    if (lo < hi) {
+      const int64_t skip = lo - tensor_first;  // matrices of t before the slice
+      const size_t elems = static_cast<size_t>(skip) * static_cast<size_t>(t.rows * t.cols);
+      MatrixTensor s = t;
+      s.src = t.src == nullptr ? nullptr : static_cast<const char*>(t.src) + elems * esize;
+      s.momentum = t.momentum == nullptr ? nullptr : t.momentum + elems;
+      s.dst = t.dst == nullptr ? nullptr : static_cast<char*>(t.dst) + elems * esize;
+      s.ns_x = nullptr;
+      s.batch = hi - lo;
+      out.push_back(s);
+    }
+    tensor_first += t.batch;
+  }
+  return out;
+}
+
+}  // namespace
+
+StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
+                   const std::vector<ShapeBucket>& buckets, ElementType type,
+                   int64_t workspace_limit) {
+  const int64_t limit = resolve_workspace_limit_or_throw(workspace_limit);
+  std::vector<int64_t> counts, bytes;
   for (size_t k = 0; k < buckets.size(); ++k) {
     const ShapeBucket& b = buckets[k];
     check_bucket(tensors, b, k);
-    const size_t x_bytes = static_cast<size_t>(b.num_matrices) * static_cast<size_t>(b.m) *
-                           static_cast<size_t>(b.n) * sizeof(__nv_bfloat16);
+    counts.push_back(b.num_matrices);
+    // Per matrix, without padding: the limit below is reduced by the most padding a chunk has.
+    bytes.push_back(static_cast<int64_t>(
+        static_cast<size_t>(detail::norm_chunks_per_matrix(b.m, b.n)) * sizeof(float) +
+        (2 * static_cast<size_t>(b.m * b.n) + 2 * static_cast<size_t>(b.m * b.m)) *
+            sizeof(__nv_bfloat16)));
+  }
+  const int64_t padding = 5 * static_cast<int64_t>(kRegionAlignment);
+  const ChunkPlan chunks = split_into_chunks(counts, bytes, std::max<int64_t>(1, limit - padding));
+  StepPlan plan;
+  for (const Chunk& c : chunks.chunks) {
+    const ShapeBucket& b = buckets[c.bucket];
+    StepChunk sc;
+    sc.bucket = c.bucket;
+    sc.bucket_matrices = b.num_matrices;
+    sc.m = b.m;
+    sc.n = b.n;
+    sc.count = c.count;
+    sc.tensors = chunk_slices(tensors, b, c.first, c.count, type);
+    sc.num_partials = count_norm_partials(sc.tensors);
+    const size_t x_bytes = static_cast<size_t>(c.count * b.m * b.n) * sizeof(__nv_bfloat16);
+    const size_t g_bytes = static_cast<size_t>(c.count * b.m * b.m) * sizeof(__nv_bfloat16);
+    size_t offset = align_up(static_cast<size_t>(sc.num_partials) * sizeof(float));
     for (int which = 0; which < 2; ++which) {
-      plan.x_offset[which].push_back(offset);
+      sc.x_offset[which] = offset;
       offset = align_up(offset + x_bytes);
     }
-    gram_elems = std::max(gram_elems, static_cast<size_t>(b.num_matrices) *
-                                          static_cast<size_t>(b.m) * static_cast<size_t>(b.m));
+    sc.gram_offset = offset;
+    offset = align_up(offset + g_bytes);
+    sc.poly_offset = offset;
+    offset = align_up(offset + g_bytes);
+    sc.bytes = offset;
+    plan.workspace_bytes = std::max(plan.workspace_bytes, offset);
+    plan.chunks.push_back(std::move(sc));
   }
-  plan.gram_offset = offset;
-  offset = align_up(offset + gram_elems * sizeof(__nv_bfloat16));
-  plan.poly_offset = offset;
-  offset = align_up(offset + gram_elems * sizeof(__nv_bfloat16));
-  plan.total_bytes = offset;
   return plan;
 }
 
-void bind_ns_buffers(std::vector<MatrixTensor>& tensors, const std::vector<ShapeBucket>& buckets,
-                     const StepWorkspacePlan& plan, void* workspace, int which) {
-  if (which != 0 && which != 1) throw std::invalid_argument("muon_ext: X buffer index must be 0/1");
-  if (plan.x_offset[which].size() != buckets.size()) {
-    throw std::invalid_argument("muon_ext: workspace plan does not match the buckets");
-  }
+NsBuffers chunk_ns_buffers(const StepChunk& chunk, void* workspace) {
   char* base = static_cast<char*>(workspace);
-  for (size_t k = 0; k < buckets.size(); ++k) {
-    const ShapeBucket& b = buckets[k];
-    auto* x = reinterpret_cast<__nv_bfloat16*>(base + plan.x_offset[which][k]);
-    int64_t first_matrix = 0;
-    for (int64_t ti : b.tensors) {
-      MatrixTensor& t = tensors[static_cast<size_t>(ti)];
-      t.ns_x = x + first_matrix * b.m * b.n;
-      first_matrix += t.batch;
-    }
+  NsBuffers buffers;
+  buffers.x[0] = reinterpret_cast<__nv_bfloat16*>(base + chunk.x_offset[0]);
+  buffers.x[1] = reinterpret_cast<__nv_bfloat16*>(base + chunk.x_offset[1]);
+  buffers.gram = reinterpret_cast<__nv_bfloat16*>(base + chunk.gram_offset);
+  buffers.poly = reinterpret_cast<__nv_bfloat16*>(base + chunk.poly_offset);
+  return buffers;
+}
+
+void bind_chunk_ns_buffers(StepChunk& chunk, void* workspace, int which) {
+  if (which != 0 && which != 1) throw std::invalid_argument("muon_ext: X buffer index must be 0/1");
+  auto* x = reinterpret_cast<__nv_bfloat16*>(static_cast<char*>(workspace) +
+                                             chunk.x_offset[which]);
+  int64_t first_matrix = 0;
+  for (MatrixTensor& t : chunk.tensors) {
+    t.ns_x = x + first_matrix * chunk.m * chunk.n;
+    first_matrix += t.batch;
   }
 }
 
-NsBuffers bucket_ns_buffers(const StepWorkspacePlan& plan, size_t bucket, void* workspace) {
-  if (bucket >= plan.x_offset[0].size()) {
-    throw std::invalid_argument("muon_ext: bucket index out of range of the workspace plan");
+PreparedStep prepare_step(const StepPlan& plan, void* workspace, const BlasContext& blas) {
+  if (plan.workspace_bytes > 0 && workspace == nullptr) {
+    throw std::invalid_argument("muon_ext: null step workspace");
   }
-  char* base = static_cast<char*>(workspace);
-  NsBuffers buffers;
-  buffers.x[0] = reinterpret_cast<__nv_bfloat16*>(base + plan.x_offset[0][bucket]);
-  buffers.x[1] = reinterpret_cast<__nv_bfloat16*>(base + plan.x_offset[1][bucket]);
-  buffers.gram = reinterpret_cast<__nv_bfloat16*>(base + plan.gram_offset);
-  buffers.poly = reinterpret_cast<__nv_bfloat16*>(base + plan.poly_offset);
-  return buffers;
+  PreparedStep prepared;
+  prepared.gemm.reserve(plan.chunks.size());
+  for (const StepChunk& c : plan.chunks) {
+    prepared.gemm.push_back(
+        plan_newton_schulz(c.count, c.m, c.n, chunk_ns_buffers(c, workspace), blas,
+                           c.bucket_matrices));
+  }
+  return prepared;
+}
+
+void run_step(StepPlan& plan, const PreparedStep& prepared, void* workspace, ElementType type,
+              DirectionSource source, WriteBack mode, const StepScalars& scalars,
+              const double* coefficients, int64_t num_coefficients, const BlasContext& blas,
+              cudaStream_t stream) {
+  if (prepared.gemm.size() != plan.chunks.size()) {
+    throw std::invalid_argument("muon_ext: prepared GEMM plans do not match the step plan");
+  }
+  for (size_t i = 0; i < plan.chunks.size(); ++i) {
+    StepChunk& c = plan.chunks[i];
+    auto* partials = reinterpret_cast<float*>(workspace);  // offset 0 of every chunk's layout
+    launch_norm_partials(c.tensors, type, source, scalars, partials, stream);
+    bind_chunk_ns_buffers(c, workspace, 0);
+    launch_normalize(c.tensors, type, source, scalars, partials, stream);
+    const int result = newton_schulz_batched(c.count, c.m, c.n, coefficients, num_coefficients,
+                                             chunk_ns_buffers(c, workspace), blas, stream,
+                                             &prepared.gemm[i]);
+    bind_chunk_ns_buffers(c, workspace, result);
+    launch_write_back(c.tensors, type, mode, scalars, stream);
+  }
 }
 
 }  // namespace cuda

@@ -286,28 +286,20 @@ std::vector<mk::ShapeBucket> make_buckets(const std::vector<Shape>& shapes) {
   return buckets;
 }
 
-// Runs phases 1-4 exactly as the torch glue does, with the workspace poisoned (0xFF bytes: NaN
-// in bf16 and fp32) so that an element no kernel wrote shows up as NaN.
-void run_phases(std::vector<mk::MatrixTensor> tensors, const std::vector<mk::ShapeBucket>& buckets,
-                mk::ElementType type, mk::DirectionSource source, mk::WriteBack mode,
-                const mk::StepScalars& scalars, const std::vector<double>& coeffs,
-                const mk::BlasContext& blas, cudaStream_t stream) {
-  const mk::StepWorkspacePlan plan = mk::plan_step_workspace(tensors, buckets);
-  DeviceBuffer ws(plan.total_bytes);
+// Runs the step exactly as the torch glue does (plan, prepare, run chunk by chunk), with the
+// workspace poisoned (0xFF bytes: NaN in bf16 and fp32) so that an element no kernel wrote
+// shows up as NaN.
+void run_phases(const std::vector<mk::MatrixTensor>& tensors,
+                const std::vector<mk::ShapeBucket>& buckets, mk::ElementType type,
+                mk::DirectionSource source, mk::WriteBack mode, const mk::StepScalars& scalars,
+                const std::vector<double>& coeffs, const mk::BlasContext& blas,
+                cudaStream_t stream, int64_t workspace_limit = -1) {
+  mk::StepPlan plan = mk::plan_step(tensors, buckets, type, workspace_limit);
+  DeviceBuffer ws(plan.workspace_bytes);
   check_cuda(cudaMemsetAsync(ws.get(), 0xFF, ws.bytes(), stream), "poison workspace");
-  float* partials = reinterpret_cast<float*>(static_cast<char*>(ws.get()) + plan.partials_offset);
-  mk::launch_norm_partials(tensors, type, source, scalars, partials, stream);
-  mk::bind_ns_buffers(tensors, buckets, plan, ws.get(), 0);
-  mk::launch_normalize(tensors, type, source, scalars, partials, stream);
-  int result = 0;
-  for (size_t k = 0; k < buckets.size(); ++k) {
-    const mk::ShapeBucket& b = buckets[k];
-    result = mk::newton_schulz_batched(b.num_matrices, b.m, b.n, coeffs.data(),
-                                       static_cast<int64_t>(coeffs.size()),
-                                       mk::bucket_ns_buffers(plan, k, ws.get()), blas, stream);
-  }
-  mk::bind_ns_buffers(tensors, buckets, plan, ws.get(), result);
-  mk::launch_write_back(tensors, type, mode, scalars, stream);
+  const mk::PreparedStep prepared = mk::prepare_step(plan, ws.get(), blas);
+  mk::run_step(plan, prepared, ws.get(), type, source, mode, scalars, coeffs.data(),
+               static_cast<int64_t>(coeffs.size()), blas, stream);
   check_cuda(cudaStreamSynchronize(stream), "step");
 }
 
@@ -356,6 +348,7 @@ struct StepConfig {
   bool grad_scale_on_device = false;
   float found_inf = 0.f;  // > 0: pass a device found_inf flag with this value
   bool force_legacy = false;
+  int64_t workspace_limit = -1;  // bytes; small values force many chunks
 };
 
 struct StepResult {
@@ -410,7 +403,8 @@ StepResult run_gpu_step(const StepData& d, mk::ElementType type, const StepConfi
   if (cfg.found_inf != 0.f) sc.found_inf = static_cast<const float*>(inf_dev.get());
 
   run_phases(tensors, make_buckets(kShapes), type, mk::DirectionSource::kMomentum,
-             mk::WriteBack::kApplyUpdate, sc, coeffs, blas.context(cfg.force_legacy), stream);
+             mk::WriteBack::kApplyUpdate, sc, coeffs, blas.context(cfg.force_legacy), stream,
+             cfg.workspace_limit);
   StepResult r;
   for (size_t i = 0; i < kShapes.size(); ++i) {
     r.params.push_back(p[i].download<uint8_t>());
@@ -618,6 +612,56 @@ void check_determinism_and_skip(std::mt19937_64& rng, const Blas& blas, cudaStre
   }
 }
 
+// NOTE: [Chunked step]: any workspace limit gives the same bits. The limits force, in turn: a few
+// chunks per bucket; a 3-D stack split across chunks; one matrix per chunk, with the 600x70 and
+// 301x257 matrices each bigger than the limit on their own. Also: the plan honours the limit
+// wherever one matrix fits, and a second identical step queries no cuBLASLt heuristic.
+void check_chunking(std::mt19937_64& rng, bool force_legacy, const Blas& blas,
+                    cudaStream_t stream) {
+  std::printf("chunked step (%s)\n", force_legacy ? "legacy cuBLAS" : "cuBLASLt");
+  const mk::ElementType type = mk::ElementType::kBFloat16;
+  const StepData d = random_step_data(rng, type, 1.0);
+  const std::vector<double> coeffs = jordan_coefficients(5);
+  StepConfig cfg;
+  cfg.force_legacy = force_legacy;
+  const StepResult whole = run_gpu_step(d, type, cfg, coeffs, blas, stream);
+  std::vector<mk::MatrixTensor> shapes_only;
+  for (const Shape& s : kShapes) {
+    mk::MatrixTensor t;
+    t.batch = s.batch;
+    t.rows = s.rows;
+    t.cols = s.cols;
+    shapes_only.push_back(t);
+  }
+  const std::vector<mk::ShapeBucket> buckets = make_buckets(kShapes);
+  const size_t one_chunk = mk::plan_step(shapes_only, buckets, type, -1).chunks.size();
+  expect(one_chunk == buckets.size(), "default limit: one chunk per bucket at these sizes");
+  for (const int64_t limit : {int64_t{200000}, int64_t{20000}, int64_t{1}}) {
+    const mk::StepPlan plan = mk::plan_step(shapes_only, buckets, type, limit);
+    bool fits = true;
+    for (const mk::StepChunk& c : plan.chunks) {
+      fits = fits && (c.count == 1 || c.bytes <= static_cast<size_t>(limit));
+    }
+    StepConfig chunked = cfg;
+    chunked.workspace_limit = limit;
+    const int64_t queries_before = mk::lt_gemm_plans_built();
+    const StepResult r = run_gpu_step(d, type, chunked, coeffs, blas, stream);
+    const int64_t queries_first = mk::lt_gemm_plans_built() - queries_before;
+    const StepResult again = run_gpu_step(d, type, chunked, coeffs, blas, stream);
+    const int64_t queries_second = mk::lt_gemm_plans_built() - queries_before - queries_first;
+    const std::string where = "limit " + std::to_string(limit) + " B, " +
+                              std::to_string(plan.chunks.size()) + " chunks";
+    expect(plan.chunks.size() > one_chunk, where + ": more chunks than buckets");
+    expect(fits, where + ": every chunk of two or more matrices fits the limit");
+    expect(r.params == whole.params && r.moms == whole.moms,
+           where + ": params and momentum bit-identical to one chunk per bucket");
+    expect(again.params == r.params && queries_second == 0,
+           where + ": the second step reuses every cached GEMM plan (" +
+               std::to_string(queries_first) + " queries, then " +
+               std::to_string(queries_second) + ")");
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -651,6 +695,8 @@ int main() {
       check_newton_schulz(rng, false, blas, stream);
       check_newton_schulz(rng, true, blas, stream);
       check_determinism_and_skip(rng, blas, stream);
+      check_chunking(rng, false, blas, stream);
+      check_chunking(rng, true, blas, stream);
     }
     check_cuda(cudaStreamDestroy(stream), "cudaStreamDestroy");
   } catch (const std::exception& e) {
