@@ -24,13 +24,19 @@ TORCH_LIBRARY(muon_ext, m) {
       "muon_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor lr, float momentum, bool nesterov, float weight_decay, float eps, "
       "float[] ns_coefficients, float[] update_scales, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None, int workspace_limit=-1) -> ()");
+      "Tensor? found_inf=None, int workspace_limit=-1, str ns_algorithm=\"standard\", "
+      "int[] gram_restarts=[2]) -> ()");
   // Bytes of scratch memory muon_step_ would allocate for these params (3-D views as for the
   // step) under `workspace_limit` (-1: the default; see NOTE: [Workspace budget]).
-  m.def("muon_step_workspace_bytes(Tensor[] params, int workspace_limit=-1) -> int");
+  m.def(
+      "muon_step_workspace_bytes(Tensor[] params, int workspace_limit=-1, "
+      "str ns_algorithm=\"standard\") -> int");
   // Orthogonalization alone for a (B, rows, cols) batch: X / max(||X||_F, eps) per matrix,
   // then the Newton-Schulz iterations. Returns a new tensor of x's shape and dtype.
-  m.def("newton_schulz(Tensor x, float[] ns_coefficients, float eps) -> Tensor");
+  // ns_algorithm / gram_restarts: NOTE: [Newton-Schulz algorithm] in csrc/muon_step_args.h.
+  m.def(
+      "newton_schulz(Tensor x, float[] ns_coefficients, float eps, "
+      "str ns_algorithm=\"standard\", int[] gram_restarts=[2]) -> Tensor");
 }
 
 namespace {

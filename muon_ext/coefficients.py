@@ -61,6 +61,25 @@ PRESETS: dict[str, tuple[Triple, ...]] = {
 
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
 
+NS_ALGORITHM_CHOICES = ("standard", "gram", "auto")
+
+# NOTE: [Gram on CPU] in csrc/cpu/muon_step_cpu.cpp: "auto" takes Gram Newton-Schulz on the CPU
+# for matrices whose wide orientation m x n has n >= CPU_GRAM_MIN_ASPECT * m and
+# m >= CPU_GRAM_MIN_ROWS (the fused step applies the same rule per bucket). On CUDA "auto" is
+# standard: the fused CUDA step has no Gram driver yet.
+CPU_GRAM_MIN_ASPECT = 2.0
+CPU_GRAM_MIN_ROWS = 64
+
+
+def resolve_ns_algorithm(ns_algorithm: str, rows: int, cols: int, device_type: str) -> str:
+    """"standard" or "gram" for one rows x cols matrix on a device of this type."""
+    if ns_algorithm != "auto":
+        return ns_algorithm
+    m, n = min(rows, cols), max(rows, cols)
+    if device_type == "cpu" and m >= CPU_GRAM_MIN_ROWS and n >= CPU_GRAM_MIN_ASPECT * m:
+        return "gram"
+    return "standard"
+
 
 def resolve_ns_coefficients(ns_coefficients, ns_steps: int) -> list[Triple]:
     """Turns the user's ``ns_coefficients`` into one (a, b, c) triple per iteration.

@@ -40,8 +40,14 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .coefficients import flat_coefficients, matrix_shape, resolve_ns_coefficients, update_scale
-from .reference import orthogonalize
+from .coefficients import (
+    flat_coefficients,
+    matrix_shape,
+    resolve_ns_algorithm,
+    resolve_ns_coefficients,
+    update_scale,
+)
+from .reference import orthogonalize, resolve_gram_restarts
 
 __all__ = ["DISTRIBUTED_MODES", "DistributedStats", "ns_flops", "stats", "validate_mode"]
 
@@ -497,6 +503,8 @@ class _GroupStep:
         self.decay = 1.0 - self.lr * group["weight_decay"]
         self.schedule = resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
         self.flat = flat_coefficients(self.schedule)
+        self.ns_algorithm = group.get("ns_algorithm", "standard")
+        self.gram_restarts = resolve_gram_restarts(group.get("gram_restarts"), len(self.schedule))
         self.state = state
         self.grad_scale = None if grad_scale is None else float(grad_scale.item())
         self.momentum_dtype = momentum_dtype
@@ -539,10 +547,16 @@ class _GroupStep:
         x = parts[0] if len(parts) == 1 else torch.cat(parts)
         self.rt.stats.matrices += x.size(0)
         if route == "ops":
-            return ops.newton_schulz(x, self.flat, self.eps)
+            return ops.newton_schulz(
+                x, self.flat, self.eps, self.ns_algorithm, self.gram_restarts
+            )
         # Same precision rule as Muon's pure-PyTorch path: fp32 on CPU, bf16 on accelerators.
         ns_dtype = torch.float32 if x.device.type == "cpu" else torch.bfloat16
-        return orthogonalize(x, self.schedule, self.eps, ns_dtype)
+        algorithm = resolve_ns_algorithm(self.ns_algorithm, x.size(1), x.size(2), x.device.type)
+        return orthogonalize(
+            x, self.schedule, self.eps, ns_dtype, algorithm=algorithm,
+            gram_restarts=self.gram_restarts,
+        )
 
     def apply(self, u: _Unit, x: Tensor) -> None:
         """P = P (1 - lr wd) - lr scale X, on the local tensor; x is param-shaped like it."""

@@ -17,6 +17,7 @@ group, told apart by the ``use_muon`` flag each group carries:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -90,7 +91,7 @@ class MuonWithAdamW(Muon):
     Args:
         params: param groups (dicts), each with ``use_muon``.
         lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
-            fused, capturable: defaults of the Muon groups, as in :class:`muon_ext.Muon`
+            fused, capturable, ns_algorithm, gram_restarts: defaults of the Muon groups, as in :class:`muon_ext.Muon`
             (``lr=0.02``, ``weight_decay=0.01`` here: Keller Jordan's recipe for
             ``adjust_lr_fn=None``; with ``"match_rms_adamw"`` use your AdamW lr and weight
             decay instead). ``capturable`` also applies to the AdamW groups.
@@ -134,10 +135,13 @@ class MuonWithAdamW(Muon):
         distributed_mode: str | None = None,
         process_group: Any = None,
         workspace_limit: int | None = None,
+        ns_algorithm: str = "standard",
+        gram_restarts: Sequence[int] | None = None,
     ) -> None:
         muon_defaults = _muon_defaults(
             lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
-            fused=fused, capturable=capturable,
+            fused=fused, capturable=capturable, ns_algorithm=ns_algorithm,
+            gram_restarts=gram_restarts,
         )
         _validate_hyperparameters(muon_defaults, where="MuonWithAdamW")
         adamw_defaults = {
@@ -171,6 +175,8 @@ class MuonWithAdamW(Muon):
             fused=fused,
             capturable=capturable,
             workspace_limit=workspace_limit,
+            ns_algorithm=ns_algorithm,
+            gram_restarts=gram_restarts,
             **distributed,
         )
         # ``defaults`` mirrors the constructor's arguments (``type(opt)(groups, **opt.defaults)``).

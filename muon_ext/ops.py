@@ -35,11 +35,15 @@ def muon_step_(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     workspace_limit: int = -1,
+    ns_algorithm: str = "standard",
+    gram_restarts: Sequence[int] = (2,),
 ) -> None:
     """The fused Muon step on 3-D (batch, rows, cols) views; see csrc/muon_step_args.h.
 
     ``workspace_limit``: bytes of Newton-Schulz scratch the step may allocate (-1: the default,
     :data:`DEFAULT_WORKSPACE_LIMIT`); buckets are orthogonalized in chunks that fit it.
+    ``ns_algorithm``: "standard", "gram" (Gram Newton-Schulz, restarting after each iteration
+    count in ``gram_restarts``) or "auto" (per bucket; NOTE: [Newton-Schulz algorithm]).
     """
     torch.ops.muon_ext.muon_step_(
         list(params),
@@ -55,19 +59,36 @@ def muon_step_(
         grad_scale,
         found_inf,
         int(workspace_limit),
+        str(ns_algorithm),
+        [int(r) for r in gram_restarts],
     )
 
 
-def muon_step_workspace_bytes(params: Sequence[Tensor], workspace_limit: int = -1) -> int:
+def muon_step_workspace_bytes(
+    params: Sequence[Tensor], workspace_limit: int = -1, ns_algorithm: str = "standard"
+) -> int:
     """Bytes of scratch memory :func:`muon_step_` allocates for these 3-D views (no allocation)."""
     require_extension()
-    return int(torch.ops.muon_ext.muon_step_workspace_bytes(list(params), int(workspace_limit)))
+    return int(
+        torch.ops.muon_ext.muon_step_workspace_bytes(
+            list(params), int(workspace_limit), str(ns_algorithm)
+        )
+    )
 
 
-def newton_schulz(x: Tensor, ns_coefficients: Sequence[float], eps: float = 1e-7) -> Tensor:
+def newton_schulz(
+    x: Tensor,
+    ns_coefficients: Sequence[float],
+    eps: float = 1e-7,
+    ns_algorithm: str = "standard",
+    gram_restarts: Sequence[int] = (2,),
+) -> Tensor:
     """Orthogonalizes each matrix of a (batch, rows, cols) tensor (fp32 on CPU, bf16 on CUDA)."""
     require_extension()
-    return torch.ops.muon_ext.newton_schulz(x, [float(c) for c in ns_coefficients], float(eps))
+    return torch.ops.muon_ext.newton_schulz(
+        x, [float(c) for c in ns_coefficients], float(eps), str(ns_algorithm),
+        [int(r) for r in gram_restarts],
+    )
 
 
 if extension_available():
@@ -76,9 +97,10 @@ if extension_available():
     def _muon_step_fake(
         params, grads, momentum_buffers, lr, momentum, nesterov, weight_decay, eps,
         ns_coefficients, update_scales, grad_scale=None, found_inf=None, workspace_limit=-1,
+        ns_algorithm="standard", gram_restarts=(2,),
     ) -> None:
         return None
 
     @torch.library.register_fake("muon_ext::newton_schulz")
-    def _newton_schulz_fake(x, ns_coefficients, eps):
+    def _newton_schulz_fake(x, ns_coefficients, eps, ns_algorithm="standard", gram_restarts=(2,)):
         return torch.empty_like(x, memory_format=torch.contiguous_format)

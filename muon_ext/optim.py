@@ -8,7 +8,7 @@ the ops (``muon_ext.ops``), and the semantics in ``muon_ext.reference``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any
@@ -23,12 +23,14 @@ from ._extension import extension_available
 from .coefficients import (
     ADJUST_LR_FNS,
     JORDAN,
+    NS_ALGORITHM_CHOICES,
     flat_coefficients,
     matrix_shape,
+    resolve_ns_algorithm,
     resolve_ns_coefficients,
     update_scale,
 )
-from .reference import orthogonalize
+from .reference import orthogonalize, resolve_gram_restarts, validate_gram_restarts
 
 __all__ = ["FUSED_DTYPES", "Muon"]
 
@@ -82,7 +84,7 @@ def _describe(param_names: list[str] | None, group_index: int, position: int) ->
 
 def _muon_defaults(
     lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, *,
-    fused, capturable,
+    fused, capturable, ns_algorithm="standard", gram_restarts=None,
 ) -> dict[str, Any]:
     """A Muon group's defaults: torch.optim.Muon's keys (so checkpoints interchange), plus ours."""
     return {
@@ -96,6 +98,8 @@ def _muon_defaults(
         "adjust_lr_fn": adjust_lr_fn,
         "fused": fused,
         "capturable": capturable,
+        "ns_algorithm": ns_algorithm,
+        "gram_restarts": tuple(gram_restarts) if isinstance(gram_restarts, list) else gram_restarts,
     }
 
 
@@ -131,6 +135,13 @@ class Muon(Optimizer):
       (128 MiB). A single matrix whose scratch exceeds it is a chunk of its own. It may be
       changed between steps (``opt.workspace_limit = ...``); ``opt.workspace_bytes()`` tells
       what the next step will allocate. Chunking never changes results.
+    * ``ns_algorithm`` (keyword-only, a group hyperparameter, checkpointed): ``"standard"``
+      (torch's iteration), ``"gram"`` (Gram Newton-Schulz: the same polynomial computed on
+      X Xᵀ, fewer FLOPs on rectangular matrices; restarting after each iteration count in
+      ``gram_restarts``; ``None``: after iteration 2, then every 3, see
+      ``muon_ext.reference.default_gram_restarts``) or ``"auto"`` (Gram per shape bucket where it is
+      faster: see ``muon_ext.coefficients.resolve_ns_algorithm``). The fused CUDA step runs
+      standard only ("auto" is standard there; "gram" is refused).
     """
 
     _step_supports_amp_scaling = True
@@ -152,6 +163,8 @@ class Muon(Optimizer):
         distributed_mode: str | None = None,
         process_group: Any = None,
         workspace_limit: int | None = None,
+        ns_algorithm: str = "standard",
+        gram_restarts: Sequence[int] | None = None,
     ) -> None:
         self.workspace_limit = _validate_workspace_limit(workspace_limit)
         # How the step runs, not hyperparameters: kept off param_groups, so checkpoints move
@@ -160,7 +173,8 @@ class Muon(Optimizer):
         self.process_group = process_group
         defaults = _muon_defaults(
             lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
-            fused=fused, capturable=capturable,
+            fused=fused, capturable=capturable, ns_algorithm=ns_algorithm,
+            gram_restarts=gram_restarts,
         )
         _validate_hyperparameters(defaults, where="Muon")
         self._plans: dict[int, tuple[tuple, list[Tensor], list[_Call]]] = {}
@@ -191,6 +205,8 @@ class Muon(Optimizer):
         for group in self.param_groups:
             group.setdefault("fused", None)
             group.setdefault("capturable", False)
+            group.setdefault("ns_algorithm", "standard")  # checkpoints from before Gram NS
+            group.setdefault("gram_restarts", None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads ours or torch.optim.Muon's; momentum stays float32 for low-precision params.
@@ -220,6 +236,8 @@ class Muon(Optimizer):
         for group in self.param_groups:
             group.setdefault("fused", None)
             group.setdefault("capturable", False)
+            group.setdefault("ns_algorithm", "standard")  # checkpoints from before Gram NS
+            group.setdefault("gram_restarts", None)
         self._plans = {}
 
     # ------------------------------------------------------------------ the step
@@ -463,7 +481,9 @@ class Muon(Optimizer):
                     parts.setdefault((p.device, p.dtype), []).append(probe)
             limit = -1 if self.workspace_limit is None else self.workspace_limit
             for probes in parts.values():
-                most = max(most, ops.muon_step_workspace_bytes(probes, limit))
+                most = max(
+                    most, ops.muon_step_workspace_bytes(probes, limit, group["ns_algorithm"])
+                )
         return most
 
 
@@ -632,6 +652,8 @@ def _run_call(
         None if grad_scale is None else _scalar_on(grad_scale, device),
         None if found_inf is None else _scalar_on(found_inf, device),
         -1 if workspace_limit is None else workspace_limit,
+        group["ns_algorithm"],
+        resolve_gram_restarts(group["gram_restarts"], len(schedule)),
     )
     for v, p, w in zip(call.param_views, ps, work):
         if v is None:
@@ -669,7 +691,12 @@ def _single_tensor_muon(
         buf.lerp_(g, 1 - beta)
         update = g.lerp(buf, beta) if group["nesterov"] else buf
         ns_dtype = torch.float32 if p.device.type == "cpu" else torch.bfloat16
-        x = orthogonalize(update.reshape(matrix_shape(p.shape)), schedule, group["eps"], ns_dtype)
+        _, rows, cols = matrix_shape(p.shape)
+        x = orthogonalize(
+            update.reshape(matrix_shape(p.shape)), schedule, group["eps"], ns_dtype,
+            algorithm=resolve_ns_algorithm(group["ns_algorithm"], rows, cols, p.device.type),
+            gram_restarts=group["gram_restarts"],
+        )
         p.mul_(1 - lr * wd)
         p.add_(x.reshape(p.shape).to(p.dtype), alpha=-lr * scale)
 
@@ -714,6 +741,13 @@ def _validate_hyperparameters(
         raise ValueError(f"{where}: capturable must be a bool, got {group['capturable']!r}")
     try:
         resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
+        if group.get("ns_algorithm", "standard") not in NS_ALGORITHM_CHOICES:
+            raise ValueError(
+                f"ns_algorithm must be one of {NS_ALGORITHM_CHOICES}, "
+                f"got {group['ns_algorithm']!r}"
+            )
+        if group.get("gram_restarts") is not None:
+            validate_gram_restarts(group["gram_restarts"])
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
 

@@ -19,11 +19,12 @@ from muon_ext.reference import (
     muon_step_reference,
     orthogonalize,
     standard_flops,
+    resolve_gram_restarts,
     validate_gram_restarts,
 )
 
 SCHEDULES = {name: resolve_ns_coefficients(name, 5) for name in PRESETS}
-RESTARTS = [(), (2,), (1, 3)]
+RESTARTS = [None, (), (2,), (1, 3)]  # None: the default, NOTE: [Default Gram restarts]
 U64 = 2.0**-53
 
 
@@ -69,6 +70,7 @@ def _segment_growth(schedule, restarts) -> float:
     a negative noise eigenvalue of R, which X Xᵀ itself cannot have, lives): each update scales
     it by about a², until a restart recomputes R from X.
     """
+    restarts = resolve_gram_restarts(restarts, len(schedule))
     growth = best = 1.0
     for i, (a, _, _) in enumerate(schedule, start=1):
         if i in restarts and i < len(schedule):
@@ -143,7 +145,14 @@ def test_float32_gram_close_to_float64_standard(seed, family, name, restarts):
     got = orthogonalize(x, schedule, 1e-7, torch.float32, algorithm="gram", gram_restarts=restarts)
     assert got.dtype == torch.float32
     assert torch.isfinite(got).all()
-    assert _rel(got, ref) <= 2e-3, _rel(got, ref)
+    bound = 2e-3
+    if restarts is None and name == "deepseek_v4":
+        # With the default restarts (2, 5, 8) the 10-step schedule is as accurate as fp32
+        # *standard* NS, which itself misses 2e-3 on rank-deficient inputs (up to 6.3e-3 on
+        # rank 1): the ratio rule of DESIGN.md, 2x the error of the standard algorithm.
+        standard = orthogonalize(x, schedule, 1e-7, torch.float32)
+        bound = max(bound, 2 * _rel(standard, ref))
+    assert _rel(got, ref) <= bound, (_rel(got, ref), bound)
 
 
 # How much worse Gram NS without a restart is than with one, in fp16 on a rank-8 64x256
@@ -210,13 +219,21 @@ def test_restarts_past_the_schedule_are_ignored(seed):
 
 
 @pytest.mark.parametrize(
-    "bad", [(0,), (-1,), (2, 2), (3, 1), (1.0,), (True,), ("2",), 2, "2", None], ids=repr
+    "bad", [(0,), (-1,), (2, 2), (3, 1), (1.0,), (True,), ("2",), 2, "2"], ids=repr
 )
 def test_validate_gram_restarts_rejects(bad):
     with pytest.raises(ValueError, match="gram_restarts"):
         validate_gram_restarts(bad)
     with pytest.raises(ValueError, match="gram_restarts"):
         orthogonalize(torch.randn(4, 8), SCHEDULES["jordan"], algorithm="gram", gram_restarts=bad)
+
+
+def test_default_restarts():
+    # NOTE: [Default Gram restarts]: after iteration 2, then every 3 (only (2,) for 5 steps).
+    assert resolve_gram_restarts(None, 5) == (2,)
+    assert resolve_gram_restarts(None, 10) == (2, 5, 8)
+    assert resolve_gram_restarts(None, 2) == ()
+    assert resolve_gram_restarts((1, 3), 10) == (1, 3)
 
 
 def test_validate_gram_restarts_accepts():

@@ -34,7 +34,13 @@ def _matrix_with_singular_values(s: torch.Tensor, rows: int, cols: int) -> tuple
 
 # After 5 iterations, sigma in [1e-3, 1] lands in these ranges (polar_express: Amsel et al.
 # 2025 with their 1.01 safety factor; jordan deliberately overshoots to grow small values fast).
-EXPECTED_RANGE = {"jordan": (0.470, 1.203), "polar_express": (0.852, 1.125), "deepseek_v4": (0.999, 1.001)}
+EXPECTED_RANGE = {
+    "jordan": (0.470, 1.203),
+    "polar_express": (0.852, 1.125),
+    # The 1.05 safety factor of the Gram path gives up some of the low end for headroom above 1.
+    "polar_express_gram": (0.758, 1.124),
+    "deepseek_v4": (0.999, 1.001),
+}
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #include "muon_step_args.h"
@@ -40,40 +41,60 @@ struct WorkItem {
   int64_t bucket_matrix;  // index of the matrix in its bucket's order (see Chunk)
 };
 
-// The fp32 buffers of one chunk's Newton-Schulz: X ping-pongs with x_next; a, b are Gram-sized.
-// Views into one workspace (NOTE: [Workspace budget]); an NsBuffers of its own for the
-// newton_schulz op, which returns a fresh tensor anyway.
+// The fp32 buffers of one chunk's Newton-Schulz: X ping-pongs with x_next; the rest are m x m
+// (standard: A, B; Gram: R, Z, Q, Q_next, T). Views into one workspace (NOTE: [Workspace
+// budget]); an NsBuffers of its own for the newton_schulz op, which returns a fresh tensor anyway.
 struct NsBuffers {
   at::Tensor x;  // (batch, m, n): U, normalized, then iterated
   at::Tensor x_next;
-  at::Tensor a;  // (batch, m, m)
-  at::Tensor b;
+  std::vector<at::Tensor> square;  // (batch, m, m) each
 
-  NsBuffers(int64_t batch, int64_t m, int64_t n, const at::TensorOptions& opts)
-      : x(at::empty({batch, m, n}, opts)),
-        x_next(at::empty({batch, m, n}, opts)),
-        a(at::empty({batch, m, m}, opts)),
-        b(at::empty({batch, m, m}, opts)) {}
+  static int64_t num_square(bool gram) { return gram ? 5 : 2; }
+
+  NsBuffers(int64_t batch, int64_t m, int64_t n, bool gram, const at::TensorOptions& opts)
+      : NsBuffers(at::empty({bytes(batch, m, n, gram) / static_cast<int64_t>(sizeof(float))},
+                            opts),
+                  batch, m, n, gram) {}
 
   // Carves the buffers of a (batch, m, n) chunk out of the front of `workspace` (fp32).
-  NsBuffers(const at::Tensor& workspace, int64_t batch, int64_t m, int64_t n) {
+  NsBuffers(const at::Tensor& workspace, int64_t batch, int64_t m, int64_t n, bool gram) {
     const int64_t xn = batch * m * n, an = batch * m * m;
     x = workspace.narrow(0, 0, xn).view({batch, m, n});
     x_next = workspace.narrow(0, xn, xn).view({batch, m, n});
-    a = workspace.narrow(0, 2 * xn, an).view({batch, m, m});
-    b = workspace.narrow(0, 2 * xn + an, an).view({batch, m, m});
+    for (int64_t k = 0; k < num_square(gram); ++k) {
+      square.push_back(workspace.narrow(0, 2 * xn + k * an, an).view({batch, m, m}));
+    }
+  }
+
+  static int64_t bytes(int64_t batch, int64_t m, int64_t n, bool gram) {
+    return static_cast<int64_t>(sizeof(float)) * batch * (2 * m * n + num_square(gram) * m * m);
   }
 };
 
-// Scratch bytes of one m x n matrix on the CPU: X, X_next (m x n) and A, B (m x m), fp32.
-int64_t cpu_bytes_per_matrix(int64_t m, int64_t n) {
-  return static_cast<int64_t>(sizeof(float)) * (2 * m * n + 2 * m * m);
+// NOTE: [Gram on CPU]
+// "auto" takes Gram Newton-Schulz for a bucket whose aspect ratio n / m is at least
+// kCpuGramMinAspect (and m >= kCpuGramMinRows, below which the GEMMs are too small for the FLOP
+// count to decide). Chosen from `python -m muon_ext.bench ns --algorithm standard gram` on the
+// 2-core AMD EPYC of benchmarks/results/ (see the README's Gram table).
+constexpr double kCpuGramMinAspect = 2.0;
+constexpr int64_t kCpuGramMinRows = 64;
+
+bool use_gram(const NsConfig& ns, int64_t m, int64_t n) {
+  if (ns.algorithm == NsAlgorithm::kAuto) {
+    return m >= kCpuGramMinRows && static_cast<double>(n) >= kCpuGramMinAspect * m;
+  }
+  return ns.algorithm == NsAlgorithm::kGram;
 }
 
-// Iterates buf.x in fp32 and returns the buffer holding the result (x or x_next).
+// Scratch bytes of one m x n matrix on the CPU (fp32): X, X_next and the m x m buffers.
+std::function<int64_t(int64_t, int64_t)> cpu_bytes_per_matrix(const NsConfig& ns) {
+  return [&ns](int64_t m, int64_t n) { return NsBuffers::bytes(1, m, n, use_gram(ns, m, n)); };
+}
+
+// Standard Newton-Schulz: iterates buf.x in fp32 and returns the buffer holding the result.
 // The out-variants never alias their inputs: A, B and the two X buffers are distinct.
-at::Tensor newton_schulz_fp32(NsBuffers& buf, const std::vector<double>& coeffs) {
-  at::Tensor x = buf.x, x_next = buf.x_next, a = buf.a, b = buf.b;
+at::Tensor standard_newton_schulz_fp32(NsBuffers& buf, const std::vector<double>& coeffs) {
+  at::Tensor x = buf.x, x_next = buf.x_next, a = buf.square[0], b = buf.square[1];
   for (size_t k = 0; k + 2 < coeffs.size(); k += 3) {
     at::bmm_out(a, x, x.transpose(1, 2));                                          // A = X Xᵀ
     at::baddbmm_out(b, a, a, a, /*beta=*/coeffs[k + 1], /*alpha=*/coeffs[k + 2]);  // bA + cA²
@@ -81,6 +102,54 @@ at::Tensor newton_schulz_fp32(NsBuffers& buf, const std::vector<double>& coeffs)
     std::swap(x, x_next);
   }
   return x;
+}
+
+// Gram Newton-Schulz (NOTE: [Newton-Schulz algorithm]) in fp32. The a-terms stay in the GEMMs'
+// beta; Q = I is implicit until the first product (then Q = Z + aI, a diagonal add, no GEMM); R
+// is not updated after the last iteration nor before a restart, which recomputes it.
+at::Tensor gram_newton_schulz_fp32(NsBuffers& buf, const std::vector<double>& coeffs,
+                                   const std::vector<int64_t>& restarts) {
+  at::Tensor x = buf.x, x_next = buf.x_next;
+  at::Tensor r = buf.square[0], z = buf.square[1], q = buf.square[2], q_next = buf.square[3],
+             t = buf.square[4];
+  const int64_t iterations = static_cast<int64_t>(coeffs.size() / 3);
+  at::bmm_out(r, x, x.transpose(1, 2));  // R = X Xᵀ
+  bool q_is_identity = true;
+  for (int64_t it = 0; it < iterations; ++it) {
+    const double a = coeffs[3 * it], b = coeffs[3 * it + 1], c = coeffs[3 * it + 2];
+    at::baddbmm_out(z, r, r, r, /*beta=*/b, /*alpha=*/c);  // Z = bR + cR²
+    if (q_is_identity) {
+      q.copy_(z);
+      q.diagonal(0, 1, 2).add_(a);  // Q = I (aI + Z)
+      q_is_identity = false;
+    } else {
+      at::baddbmm_out(q_next, q, q, z, /*beta=*/a, /*alpha=*/1.0);  // Q = QZ + aQ
+      std::swap(q, q_next);
+    }
+    const bool last = it + 1 == iterations;
+    const bool restart =
+        !last && std::find(restarts.begin(), restarts.end(), it + 1) != restarts.end();
+    if (restart) {
+      at::bmm_out(x_next, q, x);  // X = QX
+      std::swap(x, x_next);
+      at::bmm_out(r, x, x.transpose(1, 2));
+      q_is_identity = true;
+    } else if (!last) {
+      at::baddbmm_out(t, r, r, z, /*beta=*/a, /*alpha=*/1.0);  // T = RZ + aR
+      at::baddbmm_out(r, t, z, t, /*beta=*/a, /*alpha=*/1.0);  // R = ZT + aT
+    }
+  }
+  if (!q_is_identity) {
+    at::bmm_out(x_next, q, x);
+    std::swap(x, x_next);
+  }
+  return x;
+}
+
+// Iterates buf.x with the algorithm the config picks for this (m, n); returns the result buffer.
+at::Tensor newton_schulz_fp32(NsBuffers& buf, const NsConfig& ns, bool gram) {
+  return gram ? gram_newton_schulz_fp32(buf, ns.coefficients, ns.gram_restarts)
+              : standard_newton_schulz_fp32(buf, ns.coefficients);
 }
 
 // 1 / max(||U||_F, eps) per matrix. A zero matrix stays zero even with eps == 0 (0 / max(0, 0)
@@ -236,9 +305,11 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                    const at::Tensor& lr, double momentum, bool nesterov, double weight_decay,
                    double eps, at::ArrayRef<double> ns_coefficients,
                    at::ArrayRef<double> update_scales, const c10::optional<at::Tensor>& grad_scale,
-                   const c10::optional<at::Tensor>& found_inf, int64_t workspace_limit) {
+                   const c10::optional<at::Tensor>& found_inf, int64_t workspace_limit,
+                   c10::string_view ns_algorithm, at::IntArrayRef gram_restarts) {
   const MuonStepArgs args{momentum, nesterov, weight_decay, eps, ns_coefficients.vec(),
                           update_scales.vec()};
+  const NsConfig ns = make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts);
   check_muon_step_args(params, grads, momentum_buffers, lr, args, grad_scale, found_inf,
                        c10::DeviceType::CPU);
   resolve_workspace_limit(workspace_limit);
@@ -252,7 +323,7 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
   // Plan the call and allocate everything before anything is written, so a failure here
   // (an allocation, a bad plan) leaves params and momentum untouched.
   const std::vector<Bucket> buckets = make_buckets(params);
-  const ChunkPlan plan = plan_chunks(buckets, workspace_limit, cpu_bytes_per_matrix);
+  const ChunkPlan plan = plan_chunks(buckets, workspace_limit, cpu_bytes_per_matrix(ns));
   const StepItems s = make_items(params, buckets);
   std::vector<double> partial(s.items.size(), 0.0);
   const at::Tensor workspace =
@@ -280,46 +351,53 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
       const std::vector<int64_t>& firsts = s.matrix_first_item[c.bucket];
       const WorkItem* items = s.items.data() + firsts[c.first];
       const int64_t num_items = firsts[c.first + c.count] - firsts[c.first];
-      NsBuffers buf(workspace, c.count, b.m, b.n);
+      const bool gram = use_gram(ns, b.m, b.n);
+      NsBuffers buf(workspace, c.count, b.m, b.n, gram);
       fill_pass<scalar_t>(items, num_items, c.first, grads, momentum_buffers, sc,
                           inv_norms[c.bucket], buf.x.data_ptr<float>());
-      const at::Tensor result = newton_schulz_fp32(buf, args.ns_coefficients);
+      const at::Tensor result = newton_schulz_fp32(buf, ns, gram);
       update_pass<scalar_t>(items, num_items, c.first, params, result.const_data_ptr<float>(),
                             lr_value, weight_decay, args.update_scales);
     }
   });
 }
 
-int64_t muon_step_workspace_bytes_cpu(at::TensorList params, int64_t workspace_limit) {
+int64_t muon_step_workspace_bytes_cpu(at::TensorList params, int64_t workspace_limit,
+                                      c10::string_view ns_algorithm) {
+  const NsConfig ns = make_ns_config({1.0, 0.0, 0.0}, 0.0, ns_algorithm, {});
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].dim() == 3, "muon_step_workspace_bytes: params[", i,
                 "] must be a 3-D (batch, rows, cols) view, got shape ", params[i].sizes());
   }
   const std::vector<Bucket> buckets = make_buckets(params);
-  const ChunkPlan plan = plan_chunks(buckets, workspace_limit, cpu_bytes_per_matrix);
+  const ChunkPlan plan = plan_chunks(buckets, workspace_limit, cpu_bytes_per_matrix(ns));
   return planned_bytes(plan, static_cast<int64_t>(make_items(params, buckets).items.size()));
 }
 
 at::Tensor newton_schulz_cpu(const at::Tensor& x, at::ArrayRef<double> ns_coefficients,
-                             double eps) {
+                             double eps, c10::string_view ns_algorithm,
+                             at::IntArrayRef gram_restarts) {
   TORCH_CHECK(x.dim() == 3, "newton_schulz: x must be a 3-D (batch, rows, cols) tensor, got shape ",
               x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "newton_schulz: x must be floating point, got ",
               x.scalar_type());
-  const std::vector<double> coeffs = ns_coefficients.vec();
-  check_ns_coefficients(coeffs, eps);
+  const NsConfig ns = make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts);
   if (x.numel() == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
   const bool tall = x.size(1) > x.size(2);
   const at::Tensor wide = tall ? x.transpose(1, 2) : x;
-  NsBuffers buf(wide.size(0), wide.size(1), wide.size(2), x.options().dtype(at::kFloat));
+  const bool gram = use_gram(ns, wide.size(1), wide.size(2));
+  NsBuffers buf(wide.size(0), wide.size(1), wide.size(2), gram, x.options().dtype(at::kFloat));
   buf.x.copy_(wide);
   at::Tensor norms_t = at::linalg_vector_norm(buf.x.to(at::kDouble), 2, {1, 2}, false, c10::nullopt);
   std::vector<double> norms(norms_t.const_data_ptr<double>(),
                             norms_t.const_data_ptr<double>() + norms_t.numel());
   normalize_(buf.x, norms, eps);
-  at::Tensor out = newton_schulz_fp32(buf, coeffs);
+  at::Tensor out = newton_schulz_fp32(buf, ns, gram);
   if (tall) out = out.transpose(1, 2);
-  return out.to(x.scalar_type()).contiguous();
+  // A fresh tensor: `out` is a view into the scratch (which it would keep alive, at an offset).
+  at::Tensor result = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  result.copy_(out);
+  return result;
 }
 
 }  // namespace
