@@ -5,6 +5,7 @@ Examples::
     python -m muon_ext.bench                                 # full step, default suites
     python -m muon_ext.bench step --suite cpu_small --repeats 5
     python -m muon_ext.bench ns --shapes 768x3072 --batch 1 24 --presets jordan polar_express
+    python -m muon_ext.bench ns --algorithm standard gram auto --shapes 512x2048 --batch 16
     python -m muon_ext.bench all --out-dir results/
     python -m muon_ext.bench --compare old.json new.json
     python -m muon_ext.bench --list
@@ -29,7 +30,7 @@ from .benchmarking.newton_schulz import DEFAULT_CPU_CASES, DEFAULT_GPU_CASES, NS
 from .benchmarking.shapes import DEFAULT_CPU_SUITES, DEFAULT_GPU_SUITES, SUITES, get_suite
 from .benchmarking.step import DEFAULT_CPU_IMPLS, DEFAULT_GPU_IMPLS, run_step_bench
 from .benchmarking.timing import measure_peaks
-from .coefficients import PRESETS
+from .coefficients import NS_ALGORITHM_CHOICES, PRESETS
 
 __all__ = ["build_parser", "main"]
 
@@ -79,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(PRESETS),
         default="jordan",
         help="Newton-Schulz coefficient schedule of the step (default: jordan)",
+    )
+    p.add_argument(
+        "--algorithm",
+        nargs="+",
+        choices=NS_ALGORITHM_CHOICES,
+        default=["standard"],
+        help="Newton-Schulz algorithm(s) of muon_ext's rows, step and ns (default: standard); "
+        "each gets its own row, named muon_ext[gram] etc., floored by its own FLOPs",
     )
     g = p.add_argument_group("Newton-Schulz alone (ns)")
     g.add_argument(
@@ -235,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(str(exc)) from None
         impls = args.impl or list(DEFAULT_GPU_IMPLS if device.type == "cuda" else DEFAULT_CPU_IMPLS)
         param_dtype = _DTYPES[args.param_dtype]
-        record["config"].update(step_impls=impls, param_dtype=args.param_dtype, preset=args.preset)
+        record["config"].update(step_impls=impls, param_dtype=args.param_dtype, preset=args.preset,
+                                ns_algorithms=args.algorithm)
         print(f"full step: {', '.join(names)}", flush=True)
         rows, infos = run_step_bench(
             suites,
@@ -252,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             nvtx=not args.no_nvtx,
             profiler_range=args.profiler_range,
             memory=not args.no_memory,
+            ns_algorithms=args.algorithm,
             log=lambda s: print(s, flush=True),
         )
         record["rows"] += rows
@@ -288,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             accuracy=not args.no_accuracy,
             seed=args.seed,
             nvtx=not args.no_nvtx,
+            ns_algorithms=args.algorithm,
             log=lambda s: print(s, flush=True),
         )
 

@@ -52,6 +52,7 @@ class StepConfig:
     eps: float = 1e-7
     schedule: list[Triple] = field(default_factory=lambda: [JORDAN] * 5)
     adjust_lr_fn: str | None = None
+    ns_algorithm: str = "standard"  # muon_ext only; the baselines run standard NS
 
 
 def compile_static(fn: Callable) -> Callable:
@@ -240,6 +241,7 @@ def _muon_ext(params: list[Tensor], grads: list[Tensor], cfg: StepConfig) -> Cal
         ns_steps=len(cfg.schedule),
         adjust_lr_fn=cfg.adjust_lr_fn,
         fused=True,
+        ns_algorithm=cfg.ns_algorithm,
     )
     return opt.step
 

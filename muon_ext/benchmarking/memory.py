@@ -56,15 +56,16 @@ def _cuda_peak_extra(make: Callable[[], Callable[[], None]], device: torch.devic
 
 def peak_extra_bytes(
     impl: str, shapes: Sequence[tuple[int, ...]], device: torch.device, dtype: torch.dtype,
-    make: Callable[[], Callable[[], None]] | None = None,
+    make: Callable[[], Callable[[], None]] | None = None, ns_algorithm: str = "standard",
 ) -> int:
     """Peak extra bytes of one step of ``impl`` on params of ``shapes`` (see the module doc)."""
     if device.type == "cuda":
         if make is None:
-            make = lambda: _make(impl, shapes, device, dtype)  # noqa: E731
+            make = lambda: _make(impl, shapes, device, dtype, ns_algorithm)  # noqa: E731
         return _cuda_peak_extra(make, device)
     payload = json.dumps({"impl": impl, "shapes": [list(s) for s in shapes],
-                          "dtype": str(dtype).replace("torch.", "")})
+                          "dtype": str(dtype).replace("torch.", ""),
+                          "ns_algorithm": ns_algorithm})
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     out = subprocess.run(
         [sys.executable, "-m", "muon_ext.benchmarking.memory", payload],
@@ -74,20 +75,20 @@ def peak_extra_bytes(
 
 
 def _make(impl: str, shapes: Sequence[tuple[int, ...]], device: torch.device,
-          dtype: torch.dtype) -> Callable[[], None]:
+          dtype: torch.dtype, ns_algorithm: str = "standard") -> Callable[[], None]:
     from .baselines import StepConfig, make_step
 
     gen = torch.Generator(device=device).manual_seed(0)
     params = [(0.02 * torch.randn(s, device=device, generator=gen)).to(dtype) for s in shapes]
     grads = [torch.randn(s, device=device, generator=gen).to(dtype) for s in shapes]
-    return make_step(impl, params, grads, StepConfig())
+    return make_step(impl, params, grads, StepConfig(ns_algorithm=ns_algorithm))
 
 
 def _main() -> None:
     args = json.loads(sys.argv[1])
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     fn = _make(args["impl"], [tuple(s) for s in args["shapes"]], torch.device("cpu"),
-               getattr(torch, args["dtype"]))
+               getattr(torch, args["dtype"]), args.get("ns_algorithm", "standard"))
     # The high-water mark never falls, so a warm-up step would hide the step's own peak: the
     # first step is measured, and what it leaves allocated (the state it creates) is taken off.
     gc.collect()

@@ -8,7 +8,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..coefficients import flat_coefficients, resolve_ns_coefficients
+from ..coefficients import flat_coefficients, resolve_ns_algorithm, resolve_ns_coefficients
+from ..reference import gram_flops, resolve_gram_restarts, standard_flops
 from .baselines import Unsupported, compile_static, ns_dtype_for, orthogonalize_batched
 from .timing import time_rotating
 
@@ -67,7 +68,7 @@ def singular_values(x: torch.Tensor) -> torch.Tensor:
 
 
 def _ns_fn(
-    impl: str, schedule, eps: float, device: torch.device
+    impl: str, schedule, eps: float, device: torch.device, algorithm: str = "standard"
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     if impl == "muon_ext":
         from .. import ops
@@ -80,7 +81,8 @@ def _ns_fn(
                 f"skipped: this muon_ext build has no newton_schulz kernel for {device.type}"
             )
         coeffs = flat_coefficients(schedule)
-        return lambda x: ops.newton_schulz(x, coeffs, eps)
+        restarts = resolve_gram_restarts(None, len(schedule))
+        return lambda x: ops.newton_schulz(x, coeffs, eps, algorithm, restarts)
     ns_dtype = ns_dtype_for(device)
 
     def torch_bmm(x: torch.Tensor) -> torch.Tensor:
@@ -107,8 +109,11 @@ def run_ns_bench(
     accuracy: bool = True,
     seed: int = 0,
     nvtx: bool = True,
+    ns_algorithms: Sequence[str] = ("standard",),
     log: Callable[[str], None] = print,
 ) -> list[dict]:
+    """One row per case, preset and implementation; muon_ext gets one row per algorithm in
+    ``ns_algorithms`` (``muon_ext[gram]``, ...), with that algorithm's FLOPs in its floor."""
     rows: list[dict] = []
     eps = 1e-7
     ns_dtype = str(ns_dtype_for(device)).replace("torch.", "")
@@ -121,14 +126,24 @@ def run_ns_bench(
         for preset in presets:
             schedule = resolve_ns_coefficients(preset, 5)
             iters = len(schedule)
-            flops = batch * iters * (4.0 * m * m * n + 2.0 * m**3)
             nbytes = batch * m * n * 8.0  # fp32 in, fp32 out
-            floor_ms = (flops / peaks["matmul_flops"] + nbytes / peaks["copy_bytes_per_s"]) * 1e3
-            for impl in impls:
+            runs = [
+                (impl, alg)
+                for impl in impls
+                for alg in (ns_algorithms if impl == "muon_ext" else ("standard",))
+            ]
+            for impl, alg in runs:
+                chosen = resolve_ns_algorithm(alg, m, n, device.type)
+                per_matrix = (
+                    gram_flops(m, n, iters) if chosen == "gram" else standard_flops(m, n, iters)
+                )
+                flops = float(batch * per_matrix)
+                floor_ms = (flops / peaks["matmul_flops"] + nbytes / peaks["copy_bytes_per_s"]) * 1e3
                 row = {
                     "bench": "ns",
                     "suite": f"{m}x{n} B={batch}",
-                    "impl": impl,
+                    "impl": impl if alg == "standard" else f"{impl}[{alg}]",
+                    "ns_algorithm": alg,
                     "preset": preset,
                     "m": m,
                     "n": n,
@@ -155,10 +170,10 @@ def run_ns_bench(
                     row["note"] = (
                         f"skipped: estimated {est_s:.1f} s per call exceeds the {budget_s:g} s budget"
                     )
-                    log(f"  {row['suite']:18s} {preset:14s} {impl:20s} {row['note']}")
+                    log(f"  {row['suite']:18s} {preset:14s} {row['impl']:20s} {row['note']}")
                     continue
                 try:
-                    fn = _ns_fn(impl, schedule, eps, device)
+                    fn = _ns_fn(impl, schedule, eps, device, alg)
                     if inputs is None:
                         inputs = [
                             torch.randn(batch, m, n, device=device, generator=gen)
@@ -176,7 +191,7 @@ def run_ns_bench(
                         warmup=warmup,
                         repeats=repeats,
                         budget_s=budget_s or None,
-                        nvtx_label=f"bench::ns::{m}x{n}x{batch}::{preset}::{impl}"
+                        nvtx_label=f"bench::ns::{m}x{n}x{batch}::{preset}::{row['impl']}"
                         if nvtx
                         else None,
                     )
@@ -196,7 +211,7 @@ def run_ns_bench(
                 shown = (
                     f"{row['median_ms']:.3f} ms" if row["median_ms"] is not None else row["note"]
                 )
-                log(f"  {row['suite']:18s} {preset:14s} {impl:20s} {shown}")
+                log(f"  {row['suite']:18s} {preset:14s} {row['impl']:20s} {shown}")
         del inputs, acc_x
         gc.collect()
         if device.type == "cuda":

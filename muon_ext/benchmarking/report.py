@@ -198,6 +198,8 @@ _TIMING_COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("median ms", lambda r: _fmt_ms(r.get("median_ms"))),
     ("p20", lambda r: _fmt_ms(r.get("p20_ms"))),
     ("p80", lambda r: _fmt_ms(r.get("p80_ms"))),
+    # The Newton-Schulz FLOPs of the row's algorithm (Gram rows count fewer), in its floor.
+    ("NS FLOP", lambda r: "-" if r.get("ns_flops") is None else _si(r["ns_flops"], "")),
     ("floor ms", lambda r: _fmt_ms(r.get("floor_ms"))),
     ("x floor", lambda r: _fmt_x(r.get("ratio_to_floor"))),
     ("x muon_ext", lambda r: _fmt_x(r.get("ratio_to_muon_ext"))),

@@ -7,10 +7,11 @@ floors that every benchmark row is compared with.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from ..coefficients import matrix_shape
+from ..coefficients import matrix_shape, resolve_ns_algorithm
+from ..reference import gram_flops, standard_flops
 
 __all__ = [
     "DEFAULT_CPU_SUITES",
@@ -80,18 +81,30 @@ class Suite:
         return out
 
 
-def ns_flops(shapes: Iterable[tuple[int, ...]], iterations: int) -> float:
-    """Newton-Schulz FLOPs: per iteration on an m x n matrix (m <= n), ``4m²n + 2m³``.
+def ns_flops(
+    shapes: Iterable[tuple[int, ...]],
+    iterations: int,
+    algorithm: str = "standard",
+    device_type: str = "cpu",
+    gram_restarts: Sequence[int] | None = None,
+) -> float:
+    """Newton-Schulz GEMM FLOPs of one step over these param shapes.
 
-    (``X Xᵀ``: 2m²n, ``A·A``: 2m³, ``B·X``: 2m²n; elementwise terms are folded into GEMM
-    alpha/beta and not counted.)
+    Standard: per iteration on an m x n matrix (m <= n), ``4m²n + 2m³`` (``X Xᵀ``: 2m²n,
+    ``A·A``: 2m³, ``B·X``: 2m²n). Gram: ``muon_ext.reference.gram_flops`` (about 8αm³ + 28m³
+    for 5 iterations and one restart, α = n / m). "auto" counts each matrix with the algorithm
+    the fused step picks for it on this device type. Elementwise terms are folded into GEMM
+    alpha/beta and not counted.
     """
     total = 0.0
     for s in shapes:
         b, r, c = matrix_shape(s)
         m, n = min(r, c), max(r, c)
-        total += b * (4.0 * m * m * n + 2.0 * m**3)
-    return total * iterations
+        if resolve_ns_algorithm(algorithm, m, n, device_type) == "gram":
+            total += b * float(gram_flops(m, n, iterations, gram_restarts))
+        else:
+            total += b * float(standard_flops(m, n, iterations))
+    return total
 
 
 def elementwise_bytes(

@@ -13,7 +13,7 @@ from .shapes import Suite, elementwise_bytes, ns_flops
 from .memory import host_ms, peak_extra_bytes
 from .timing import sync, time_rotating
 
-__all__ = ["DEFAULT_CPU_IMPLS", "DEFAULT_GPU_IMPLS", "run_step_bench", "suite_info"]
+__all__ = ["DEFAULT_CPU_IMPLS", "DEFAULT_GPU_IMPLS", "impl_label", "run_step_bench", "suite_info"]
 
 DEFAULT_GPU_IMPLS = (
     "muon_ext",
@@ -25,6 +25,11 @@ DEFAULT_GPU_IMPLS = (
 DEFAULT_CPU_IMPLS = ("muon_ext", "torch_muon", "torch_loop", "torch_batched")
 
 _DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def impl_label(impl: str, ns_algorithm: str) -> str:
+    """Row name: the implementation, with the Newton-Schulz algorithm unless standard."""
+    return impl if ns_algorithm == "standard" else f"{impl}[{ns_algorithm}]"
 
 
 def suite_info(suite: Suite, iterations: int, param_dtype: torch.dtype, peaks: dict) -> dict:
@@ -94,10 +99,13 @@ def run_step_bench(
     nvtx: bool = True,
     profiler_range: bool = False,
     memory: bool = True,
+    ns_algorithms: Sequence[str] = ("standard",),
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], dict[str, dict]]:
+    """One row per suite and implementation; muon_ext gets one row per Newton-Schulz
+    algorithm in ``ns_algorithms`` (named ``muon_ext[gram]`` etc.), its floor from that
+    algorithm's FLOPs. The baselines run standard NS."""
     schedule = resolve_ns_coefficients(preset, 5)
-    cfg = StepConfig(schedule=schedule)
     rows: list[dict] = []
     infos: dict[str, dict] = {}
     min_repeats = 3
@@ -106,19 +114,29 @@ def run_step_bench(
         infos[suite.name] = info
         shapes = suite.shapes()
         ref_delta: list[torch.Tensor] | None = None
-        for impl in impls:
+        runs = [
+            (impl, alg)
+            for impl in impls
+            for alg in (ns_algorithms if impl == "muon_ext" else ("standard",))
+        ]
+        for impl, alg in runs:
+            cfg = StepConfig(schedule=schedule, ns_algorithm=alg)
+            alg_flops = ns_flops(shapes, len(schedule), alg, device.type)
+            alg_ns_floor = alg_flops / peaks["matmul_flops"] * 1e3
             row = {
                 "bench": "step",
                 "suite": suite.name,
-                "impl": impl,
+                "impl": impl_label(impl, alg),
+                "ns_algorithm": alg,
+                "ns_flops": alg_flops,
                 "preset": preset,
                 "param_dtype": str(param_dtype).replace("torch.", ""),
                 "ns_dtype": str(impl_ns_dtype(impl, device)).replace("torch.", ""),
                 "median_ms": None,
                 "p20_ms": None,
                 "p80_ms": None,
-                "floor_ms": info["floor_ms"],
-                "ns_floor_ms": info["ns_floor_ms"],
+                "floor_ms": alg_ns_floor + info["ew_floor_ms"],
+                "ns_floor_ms": alg_ns_floor,
                 "ew_floor_ms": info["ew_floor_ms"],
                 "repeats": 0,
                 "update_rel_diff": None,
@@ -132,7 +150,7 @@ def run_step_bench(
             rate = peaks.get("matmul_flops_by_dtype", {}).get(
                 row["ns_dtype"], peaks["matmul_flops"]
             )
-            est_s = info["ns_flops"] / rate + info["ew_bytes"] / peaks["copy_bytes_per_s"]
+            est_s = alg_flops / rate + info["ew_bytes"] / peaks["copy_bytes_per_s"]
             if budget_s and est_s * (rotate + 1 + min_repeats) > budget_s:
                 row["status"] = "skipped"
                 row["note"] = (
@@ -140,7 +158,7 @@ def run_step_bench(
                     f"at {rate / 1e9:.0f} GFLOP/s) does not fit the {budget_s:g} s budget "
                     "(--budget-s 0 to run anyway)"
                 )
-                log(f"  {suite.name:24s} {impl:24s} {row['note']}")
+                log(f"  {suite.name:24s} {row['impl']:24s} {row['note']}")
                 continue
             sets = fns = before = None
             try:
@@ -154,7 +172,7 @@ def run_step_bench(
                 if ref_delta is None:
                     ref_delta = delta
                     row["update_rel_diff"] = 0.0
-                    info["update_reference"] = impl
+                    info["update_reference"] = row["impl"]
                 else:
                     num = sum(float((d - r).square().sum()) for d, r in zip(delta, ref_delta))
                     den = sum(float(r.square().sum()) for r in ref_delta)
@@ -168,7 +186,7 @@ def run_step_bench(
                     repeats=repeats,
                     budget_s=budget_s or None,
                     min_repeats=min_repeats,
-                    nvtx_label=f"bench::{suite.name}::{impl}" if nvtx else None,
+                    nvtx_label=f"bench::{suite.name}::{row['impl']}" if nvtx else None,
                     profiler_range=profiler_range,
                 )
                 row.update(
@@ -186,7 +204,9 @@ def run_step_bench(
                     del fns
                     fns = None
                     gc.collect()
-                    row["peak_extra_mib"] = peak_extra_bytes(impl, shapes, device, param_dtype) / 2**20
+                    row["peak_extra_mib"] = peak_extra_bytes(
+                        impl, shapes, device, param_dtype, ns_algorithm=alg
+                    ) / 2**20
             except Unsupported as exc:
                 row["status"] = "skipped"
                 row["note"] = str(exc)
@@ -201,6 +221,6 @@ def run_step_bench(
             shown = f"{row['median_ms']:.3f} ms" if row["median_ms"] is not None else row["note"]
             if row["peak_extra_mib"] is not None:
                 shown += f", peak extra {row['peak_extra_mib']:.1f} MiB"
-            log(f"  {suite.name:24s} {impl:24s} {shown}")
+            log(f"  {suite.name:24s} {row['impl']:24s} {shown}")
         ref_delta = None
     return rows, infos
