@@ -423,12 +423,13 @@ class _MLA(nn.Module):
     """DeepSeek-V3-style attention: per-head [nope | rope] queries, kv up-projection [k_nope | v],
     one rotary key shared by all heads from the down-projection."""
 
-    def __init__(self, d_model=20, heads=4, d_nope=6, d_rope=4, d_v=5, kv_rank=8):
+    def __init__(self, d_model=20, heads=4, d_nope=6, d_rope=4, d_v=5, kv_rank=8, kv_heads=None):
         super().__init__()
         self.heads, self.d_nope, self.d_rope, self.d_v = heads, d_nope, d_rope, d_v
+        self.kv_heads = heads if kv_heads is None else kv_heads  # grouped keys if fewer
         self.wq = nn.Linear(d_model, heads * (d_nope + d_rope), bias=False)
         self.wkv_a = nn.Linear(d_model, kv_rank + d_rope, bias=False)
-        self.wkv_b = nn.Linear(kv_rank, heads * (d_nope + d_v), bias=False)
+        self.wkv_b = nn.Linear(kv_rank, self.kv_heads * (d_nope + d_v), bias=False)
         self.kv_rank = kv_rank
         self.scale = 1.0 / math.sqrt(d_nope + d_rope)
 
@@ -439,32 +440,43 @@ class _MLA(nn.Module):
         q = torch.cat([q[..., : self.d_nope], _rope(q[..., self.d_nope :], pos[:, None])], -1)
         kv_a = self.wkv_a(x)
         c_kv, k_rope = kv_a[..., : self.kv_rank], _rope(kv_a[..., self.kv_rank :], pos)
-        kv = self.wkv_b(c_kv).view(b, length, self.heads, self.d_nope + self.d_v)
-        k_rope = k_rope[:, :, None, :].expand(b, length, self.heads, self.d_rope)
+        kv = self.wkv_b(c_kv).view(b, length, self.kv_heads, self.d_nope + self.d_v)
+        k_rope = k_rope[:, :, None, :].expand(b, length, self.kv_heads, self.d_rope)
         k = torch.cat([kv[..., : self.d_nope], k_rope], -1)
         return q.transpose(1, 2), k.transpose(1, 2), kv[..., self.d_nope :].transpose(1, 2)
 
+    def register(self, clip: QKClip, name=None):
+        return clip.add_mla(
+            self.wq,
+            self.wkv_b,
+            num_heads=self.heads,
+            qk_nope_head_dim=self.d_nope,
+            qk_rope_head_dim=self.d_rope,
+            v_head_dim=self.d_v,
+            num_kv_heads=self.kv_heads,
+            name=name,
+        )
 
-def test_mla_layout(seed):
+
+def _mla_logits(mla: _MLA, q, k):
+    return q @ k.repeat_interleave(mla.heads // mla.kv_heads, 1).transpose(-1, -2) * mla.scale
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mla", "grouped_g2", "grouped_g4"])
+def test_mla_layout(seed, kv_heads):
     torch.set_default_dtype(torch.float64)  # the oracle logits come from the module itself
     try:
-        mla = _MLA()
+        mla = _MLA(kv_heads=kv_heads)
         with torch.no_grad():
             spread = torch.empty(mla.heads).uniform_(0.3, 4.0)
             mla.wq.weight.view(mla.heads, -1, 20).mul_(spread[:, None, None])
         clip = QKClip(tau=1.0)
-        layer = clip.add_mla(
-            mla.wq,
-            mla.wkv_b,
-            num_heads=mla.heads,
-            qk_nope_head_dim=mla.d_nope,
-            qk_rope_head_dim=mla.d_rope,
-            v_head_dim=mla.d_v,
-        )
+        layer = mla.register(clip)
         x = torch.randn(2, 7, 20)
         q, k, v = mla.qk(x)
-        layer.attention(q, k, v, is_causal=True, scale=mla.scale).sum().backward()
-        before = (q @ k.transpose(-1, -2) * mla.scale).detach()
+        grouped = kv_heads != mla.heads
+        layer.attention(q, k, v, is_causal=True, scale=mla.scale, enable_gqa=grouped)
+        before = _mla_logits(mla, q, k).detach()
         s = _causal_max(before)
         torch.testing.assert_close(layer.max_logit.double(), s, rtol=1e-5, atol=1e-5)
         clip.tau = tau = _tau_between(s)
@@ -475,33 +487,44 @@ def test_mla_layout(seed):
         clip.apply()
         with torch.no_grad():
             q, k, _ = mla.qk(x)
-        after = q @ k.transpose(-1, -2) * mla.scale
+        after = _mla_logits(mla, q, k)
         s_after = _causal_max(after)
         assert (s_after <= tau * (1 + BOUND_RTOL)).all()
         assert (s_after[over] >= tau * (1 - BOUND_RTOL)).all()
         gamma = torch.where(over, tau / s, torch.ones_like(s))
         assert (after - before * gamma.view(1, -1, 1, 1)).abs().max() <= 1e-5 * before.abs().max()
-        # Row by row: q nope by sqrt(gamma), q rope by gamma, k nope by sqrt(gamma), the rest kept.
         h, dn = mla.heads, mla.d_nope
-        root = gamma.sqrt().view(h, 1, 1)
         q_rows, q_rows0 = _heads(mla.wq.weight, h), _heads(wq0, h)
-        kv_rows, kv_rows0 = _heads(mla.wkv_b.weight, h), _heads(b0, h)
-        torch.testing.assert_close(
-            q_rows[:, :dn], q_rows0[:, :dn] * root.to(q_rows.dtype), rtol=1e-6, atol=0
-        )
-        torch.testing.assert_close(
+        kv_rows, kv_rows0 = _heads(mla.wkv_b.weight, kv_heads), _heads(b0, kv_heads)
+        torch.testing.assert_close(  # q rope by gamma (the rotary key is shared, never scaled)
             q_rows[:, dn:],
             q_rows0[:, dn:] * gamma.view(h, 1, 1).to(q_rows.dtype),
             rtol=1e-6,
             atol=0,
         )
-        torch.testing.assert_close(
-            kv_rows[:, :dn], kv_rows0[:, :dn] * root.to(q_rows.dtype), rtol=1e-6, atol=0
-        )
         assert torch.equal(kv_rows[:, dn:], kv_rows0[:, dn:])  # values
         assert torch.equal(mla.wkv_a.weight, a0)  # shared rotary key and the latent
         assert torch.equal(q_rows[~over], q_rows0[~over])
-        assert torch.equal(kv_rows[~over], kv_rows0[~over])
+        group = h // kv_heads
+        group_has_unclipped = (~over).view(kv_heads, group).any(dim=1)
+        assert torch.equal(kv_rows[group_has_unclipped], kv_rows0[group_has_unclipped])
+        # No row grows (grouped keys: kappa = sqrt(max gamma) on k, gamma / kappa on q nope).
+        assert (q_rows.norm(dim=2) <= q_rows0.norm(dim=2) * (1 + 1e-12)).all()
+        assert (kv_rows.norm(dim=2) <= kv_rows0.norm(dim=2) * (1 + 1e-12)).all()
+        if grouped:
+            kappa = gamma.view(kv_heads, group).amax(dim=1).sqrt()
+            torch.testing.assert_close(
+                kv_rows[:, :dn], kv_rows0[:, :dn] * kappa.view(-1, 1, 1), rtol=1e-6, atol=0
+            )
+            return
+        # Row by row: q nope by sqrt(gamma), q rope by gamma, k nope by sqrt(gamma), the rest kept.
+        root = gamma.sqrt().view(h, 1, 1)
+        torch.testing.assert_close(
+            q_rows[:, :dn], q_rows0[:, :dn] * root.to(q_rows.dtype), rtol=1e-6, atol=0
+        )
+        torch.testing.assert_close(
+            kv_rows[:, :dn], kv_rows0[:, :dn] * root.to(q_rows.dtype), rtol=1e-6, atol=0
+        )
     finally:
         torch.set_default_dtype(torch.float32)
 
@@ -862,31 +885,76 @@ def test_two_rank_gloo_ranks_apply_the_same_gamma(seed):
         assert torch.equal(a, b), "ranks applied different factors"
 
 
-def test_dtensor_weights_are_refused_with_the_reason():
+@pytest.mark.parametrize(
+    "size,chunks", [(9, 2), (45, 2), (32, 3), (2, 3), (0, 2), (7, 7), (5, 8)]
+)
+def test_chunk_range_is_torch_chunk(size, chunks):
+    pieces = torch.arange(size).chunk(chunks) if size else ()
+    for index in range(chunks):
+        first, length = qk_clip_module._chunk_range(size, chunks, index)
+        if index < len(pieces):
+            assert (first, length) == (int(pieces[index][0]), len(pieces[index]))
+        else:  # torch.chunk returns fewer pieces: this rank's shard is empty
+            assert length == 0 and first == size
+
+
+_MESHES = [
+    ((2,), "S0", 45),
+    ((3,), "S0", 32),
+    ((3,), "S0", 2),  # one empty shard
+    ((3,), "S1", 10),  # rows whole, columns sharded
+    ((2, 3), "R,S0", 27),  # HSDP: replicated across the first mesh dim
+    ((2, 3), "S0,S0", 27),  # nested: chunks of chunks
+    ((2, 2), "S1,S0", 9),
+]
+
+
+@pytest.mark.parametrize("mesh_shape,spec,rows", _MESHES, ids=[f"{m}-{s}-{r}" for m, s, r in _MESHES])
+def test_dim0_local_range_matches_dtensor_on_every_rank(mesh_shape, spec, rows):
+    """The helper's (offset, rows) equal DTensor's own layout and the local shard's size, for
+    every rank of the mesh (a fake process group stands in for each rank in turn)."""
     import torch.distributed as dist
 
     fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
-    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, init_device_mesh
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    placements = [Replicate() if p == "R" else Shard(int(p[1])) for p in spec.split(",")]
+    world = math.prod(mesh_shape)
+    for rank in range(world):
+        dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=rank, world_size=world)
+        try:
+            mesh = init_device_mesh("cpu", mesh_shape)
+            t = distribute_tensor(torch.randn(rows, 6), mesh, placements)
+            first, held = qk_clip_module._dim0_local_range(t)
+            shape, offset = compute_local_shape_and_global_offset(t.shape, mesh, t.placements)
+            assert held == t.to_local().shape[0] == shape[0], (rank, held, shape)
+            if held:
+                assert first == offset[0], (rank, first, offset)
+        finally:
+            dist.destroy_process_group()
+
+
+def test_dtensor_row_interleaved_sharding_is_refused_with_the_reason():
+    import torch.distributed as dist
+
+    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
+    from torch.distributed.tensor import DTensor, init_device_mesh
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialized in this process")
     dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=0, world_size=2)
     try:
         mesh = init_device_mesh("cpu", (2,))
-        sharded = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+        strided = DTensor.from_local(
+            torch.randn(4, 4), mesh, [_StridedShard(0, split_factor=2)], run_check=False
+        )
         clip = QKClip(tau=1.0)
-        with pytest.raises(NotImplementedError, match="q_proj weight is a DTensor.*offset"):
-            clip.add(sharded, torch.randn(8, 4), num_heads=2, num_kv_heads=2)
-        with pytest.raises(NotImplementedError, match="k_proj weight is a DTensor"):
-            clip.add(torch.randn(8, 4), sharded, num_heads=2, num_kv_heads=2)
-        with pytest.raises(NotImplementedError, match="kv_proj weight is a DTensor"):
-            clip.add_mla(
-                torch.randn(8, 4),
-                sharded,
-                num_heads=2,
-                qk_nope_head_dim=2,
-                qk_rope_head_dim=2,
-                v_head_dim=2,
-            )
+        with pytest.raises(NotImplementedError, match="k_proj weight.*contiguous row range"):
+            clip.add(torch.randn(8, 4), strided, num_heads=2)
+        assert clip.layers == []
     finally:
         dist.destroy_process_group()
