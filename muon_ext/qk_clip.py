@@ -266,7 +266,8 @@ class QKClipLayer:
             d_nope, d_rope, d_v = self._mla_dims  # type: ignore[misc]
             heads, kv_heads = self.num_heads, self.num_kv_heads
             q = torch.cat([q.expand(heads, d_nope), gamma[:, None].expand(heads, d_rope)], dim=1)
-            kv = torch.cat([k.expand(kv_heads, d_nope), torch.ones_like(k).expand(kv_heads, d_v)], 1)
+            ones = torch.ones_like(k)
+            kv = torch.cat([k.expand(kv_heads, d_nope), ones.expand(kv_heads, d_v)], dim=1)
             return [(self._q_weight, heads, q), (self._k_weight, kv_heads, kv)]
         return [
             (self._q_weight, self.num_heads, q),
