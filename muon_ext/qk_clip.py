@@ -89,6 +89,7 @@ class _Rows:
     def rows(self) -> int:
         return self.get().shape[0] if self.count is None else self.count
 
+
 _MHA_ARG_NAMES = (
     "query",
     "key",
