@@ -19,6 +19,12 @@ Layouts (rows of the projection weights, as ``nn.Linear`` stores them: ``[out, i
   ``[H * (d_nope + d_rope), r_q]``, per head the non-rotary rows then the rotary rows; W_kv
   (the kv up-projection) ``[H * (d_nope + d_v), r_kv]``, per head the non-rotary key rows then
   the value rows. The shared rotary key comes from the down-projection and is never touched.
+  With grouped keys (``num_kv_heads``) W_kv has ``H_kv`` row blocks and the GQA rule below
+  applies to the non-rotary rows.
+
+Sharded weights (FSDP2 ``fully_shard``, DTensor ``Shard(0)``): after the all-reduce every rank
+builds the same per-row factors for the whole weight and applies the slice of its own shard,
+found from the placements with ``torch.chunk``'s rule (``_dim0_local_range``).
 
 NOTE: [GQA: which side absorbs gamma]
 Kimi K2 splits ``gamma_h`` evenly: ``sqrt(gamma_h)`` on the head's q rows and on its k rows. Under
@@ -63,6 +69,27 @@ _NEG_INF = float("-inf")
 Source = Tensor | nn.Linear
 _Getter = Callable[[], Tensor]
 
+
+class _Rows:
+    """Rows ``[start, start + count)`` along dim 0 of the tensor ``get()`` returns (all if
+    ``count`` is None); read at every use, so a module's parameter swap is followed.
+
+    Calling it gives those rows as a tensor (for recording and the shape checks). ``apply``
+    writes through ``get()`` itself with the row offset, because a row slice of a DTensor is
+    a new tensor, not a view of the shard.
+    """
+
+    def __init__(self, get: _Getter, start: int = 0, count: int | None = None) -> None:
+        self.get, self.start, self.count = get, start, count
+
+    def __call__(self) -> Tensor:
+        t = self.get()
+        return t if self.count is None else t[self.start : self.start + self.count]
+
+    def rows(self) -> int:
+        return self.get().shape[0] if self.count is None else self.count
+
+
 _MHA_ARG_NAMES = (
     "query",
     "key",
@@ -83,7 +110,7 @@ class QKClipLayer:
     Attributes:
         name: the layer's name (for logs).
         num_heads: query heads; ``max_logit`` has this many entries.
-        num_kv_heads: key heads (``num_heads`` for MHA and MLA).
+        num_kv_heads: key heads (``num_heads`` for MHA and MLA without grouped keys).
         max_logit: running per-head maximum since the last ``apply`` (float32, on the device of
             the recorded queries; ``None`` before the first record); ``-inf`` when nothing was
             seen. Detached: recording never enters the autograd graph.
@@ -98,10 +125,10 @@ class QKClipLayer:
         kind: str,
         num_heads: int,
         num_kv_heads: int,
-        q_weight: _Getter,
-        k_weight: _Getter,
-        q_bias: _Getter | None = None,
-        k_bias: _Getter | None = None,
+        q_weight: _Rows,
+        k_weight: _Rows,
+        q_bias: _Rows | None = None,
+        k_bias: _Rows | None = None,
         mla_dims: tuple[int, int, int] | None = None,
     ) -> None:
         self._clip = clip
@@ -227,23 +254,22 @@ class QKClipLayer:
 
     # ------------------------------------------------------------------ clipping
 
-    def _row_factors(self, gamma: Tensor) -> list[tuple[_Getter | None, int, Tensor]]:
-        """(tensor, heads it is split into, per-head-row factor ``[heads, rows or 1]``)."""
+    def _row_factors(self, gamma: Tensor) -> list[tuple[_Rows | None, int, Tensor]]:
+        """(rows, heads they are split into, per-head-row factor ``[heads, rows or 1]``)."""
         sqrt_gamma = gamma.sqrt()
-        if self.kind == "mla":
-            d_nope, d_rope, d_v = self._mla_dims  # type: ignore[misc]
-            heads = self.num_heads
-            col = sqrt_gamma[:, None]
-            q = torch.cat([col.expand(heads, d_nope), gamma[:, None].expand(heads, d_rope)], dim=1)
-            kv = torch.cat(
-                [col.expand(heads, d_nope), torch.ones_like(col).expand(heads, d_v)], dim=1
-            )
-            return [(self._q_weight, heads, q), (self._k_weight, heads, kv)]
         group = self.num_heads // self.num_kv_heads
-        # NOTE: [GQA: which side absorbs gamma] in the module docstring.
+        # NOTE: [GQA: which side absorbs gamma] in the module docstring (MLA: the non-rotary
+        # part; with one key head per query head, kappa = sqrt(gamma) and q gets sqrt(gamma)).
         k = sqrt_gamma.view(self.num_kv_heads, group).amax(dim=1, keepdim=True)
         q = sqrt_gamma * (sqrt_gamma / k.expand(self.num_kv_heads, group).reshape(-1))
         q = q[:, None]
+        if self.kind == "mla":
+            d_nope, d_rope, d_v = self._mla_dims  # type: ignore[misc]
+            heads, kv_heads = self.num_heads, self.num_kv_heads
+            q = torch.cat([q.expand(heads, d_nope), gamma[:, None].expand(heads, d_rope)], dim=1)
+            ones = torch.ones_like(k)
+            kv = torch.cat([k.expand(kv_heads, d_nope), ones.expand(kv_heads, d_v)], dim=1)
+            return [(self._q_weight, heads, q), (self._k_weight, kv_heads, kv)]
         return [
             (self._q_weight, self.num_heads, q),
             (self._q_bias, self.num_heads, q),
@@ -252,9 +278,10 @@ class QKClipLayer:
         ]
 
     def _apply_gamma(self, gamma: Tensor) -> None:
-        for get, heads, factor in self._row_factors(gamma):
-            if get is not None:
-                _scale_head_rows_(get(), heads, factor)
+        for rows, heads, factor in self._row_factors(gamma):
+            if rows is not None:
+                per_row = factor.expand(heads, rows.rows() // heads).reshape(-1)
+                _scale_rows_(rows.get(), rows.start, per_row)
 
 
 class QKClip:
@@ -274,9 +301,17 @@ class QKClip:
         record_in_no_grad: also record forwards run with grad mode off. By default evaluation
             under ``torch.no_grad()`` / ``inference_mode`` does not count toward the next step.
 
-    The weights must be whole on every rank (DDP, ZeRO-1 style sharding of optimizer state;
-    not FSDP flat shards). Tensors passed directly are held as given: register after moving
-    the model to its device (``nn.Linear`` / ``nn.MultiheadAttention`` are read at each apply).
+    Weights may be whole on every rank (DDP, ZeRO-1) or FSDP2 ``fully_shard`` DTensors
+    (``Shard(0)``, also inside an HSDP mesh): each rank then rescales the rows of its own
+    shard, each row by the factor of the head its global row belongs to (a shard may split a
+    head), with no gather and no collective besides the maxima's all-reduce. Register them
+    with global ``num_heads``; the maxima must cover all heads on each rank, as they do under
+    FSDP2 (the forward runs on the gathered weights). Row slices of a DTensor are copies, so
+    pass whole ``nn.Linear`` modules or parameters, not slices, when they are sharded (packed
+    ``nn.MultiheadAttention`` weights are handled). FSDP1 flat parameters are not supported.
+    Tensors passed directly are held as given: register after moving the model to its device
+    and after ``fully_shard`` (``nn.Linear`` / ``nn.MultiheadAttention`` are read at each
+    apply, so they may be registered before).
     """
 
     def __init__(
@@ -362,6 +397,7 @@ class QKClip:
         qk_nope_head_dim: int,
         qk_rope_head_dim: int,
         v_head_dim: int = 0,
+        num_kv_heads: int | None = None,
         name: str | None = None,
     ) -> QKClipLayer:
         """Registers a multi-head latent attention layer (DeepSeek-V3 / Kimi K2 layout).
@@ -372,8 +408,23 @@ class QKClip:
         key-only projection). A clipped head's non-rotary q and k rows are scaled by
         ``sqrt(gamma)``, its rotary q rows by ``gamma``; value rows and the shared rotary key
         (not passed here) are untouched. Biases are not supported (MLA has none).
+
+        ``num_kv_heads``: grouped keys, where ``num_heads / num_kv_heads`` query heads share one
+        non-rotary key / value head (``kv_proj`` then has ``num_kv_heads`` row blocks; query
+        head ``h`` reads key head ``h // group``). The GQA rule applies to the non-rotary part:
+        key rows by ``kappa = sqrt(max gamma of the group)``, the head's non-rotary q rows by
+        ``gamma_h / kappa``, its rotary q rows by ``gamma_h`` (the rotary key is shared by
+        all heads and never scaled). Every head's logits shrink by exactly its own
+        ``gamma_h``, no factor exceeds 1, and ``num_kv_heads = num_heads`` is the rule above.
         """
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
         _check_positive_int(num_heads, "num_heads")
+        _check_positive_int(num_kv_heads, "num_kv_heads")
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"QKClip.add_mla: num_heads ({num_heads}) must be a multiple of "
+                f"num_kv_heads ({num_kv_heads})"
+            )
         _check_positive_int(qk_nope_head_dim, "qk_nope_head_dim")
         _check_positive_int(qk_rope_head_dim, "qk_rope_head_dim")
         if not isinstance(v_head_dim, int) or isinstance(v_head_dim, bool) or v_head_dim < 0:
@@ -386,13 +437,13 @@ class QKClip:
         q_w, _ = _weight_and_bias(q_proj, None, "q_proj")
         kv_w, _ = _weight_and_bias(kv_proj, None, "kv_proj")
         _check_rows(q_w(), num_heads, qk_nope_head_dim + qk_rope_head_dim, "q_proj weight")
-        _check_rows(kv_w(), num_heads, qk_nope_head_dim + v_head_dim, "kv_proj weight")
+        _check_rows(kv_w(), num_kv_heads, qk_nope_head_dim + v_head_dim, "kv_proj weight")
         layer = QKClipLayer(
             self,
             self._name(name),
             "mla",
             num_heads,
-            num_heads,
+            num_kv_heads,
             q_w,
             kv_w,
             mla_dims=(qk_nope_head_dim, qk_rope_head_dim, v_head_dim),
@@ -419,31 +470,20 @@ class QKClip:
         if module.bias_k is not None:
             raise ValueError("QKClip.add_multihead_attention: add_bias_kv=True is not supported")
         e = module.embed_dim
+        # Row windows of the packed weight, not slices: under FSDP2 the weight is a DTensor
+        # between steps, and slicing one copies.
         if module._qkv_same_embed_dim:
-
-            def q_w() -> Tensor:
-                return module.in_proj_weight[:e]
-
-            def k_w() -> Tensor:
-                return module.in_proj_weight[e : 2 * e]
-
+            q_w = _Rows(lambda: module.in_proj_weight, 0, e)
+            k_w = _Rows(lambda: module.in_proj_weight, e, e)
         else:
-
-            def q_w() -> Tensor:
-                return module.q_proj_weight
-
-            def k_w() -> Tensor:
-                return module.k_proj_weight
-
+            q_w, k_w = _Rows(lambda: module.q_proj_weight), _Rows(lambda: module.k_proj_weight)
         q_b = k_b = None
         if module.in_proj_bias is not None:
-
-            def q_b() -> Tensor:
-                return module.in_proj_bias[:e]
-
-            def k_b() -> Tensor:
-                return module.in_proj_bias[e : 2 * e]
-
+            q_b = _Rows(lambda: module.in_proj_bias, 0, e)
+            k_b = _Rows(lambda: module.in_proj_bias, e, e)
+        for t in (module.in_proj_weight, module.q_proj_weight, module.k_proj_weight):
+            if t is not None:
+                _dim0_local_range(t)  # refuses unsupported shardings now, not at apply
         heads = module.num_heads
         layer = QKClipLayer(self, self._name(name), "mha", heads, heads, q_w, k_w, q_b, k_b)
         layer._hooks.append(
@@ -479,7 +519,7 @@ class QKClip:
         layers = self.layers
         if not layers:
             return
-        device = layers[0]._q_weight().device
+        device = _local(layers[0]._q_weight.get()).device
         maxima = [
             layer.max_logit.to(device)
             if layer.max_logit is not None
@@ -628,79 +668,117 @@ class _MultiheadAttentionRecorder:
             )
 
 
-def _scale_head_rows_(t: Tensor, heads: int, factor: Tensor) -> None:
-    """``t[h, r] *= factor[h, r]`` on the ``(heads, rows, ...)`` view of ``t``, in place.
+def _scale_rows_(t: Tensor, start: int, factor: Tensor) -> None:
+    """``t[start + i] *= factor[i]`` in place, for the rows of ``t`` this rank holds.
+
+    ``t`` is a plain tensor or a DTensor (FSDP2 ``fully_shard`` shards dim 0 with
+    ``torch.chunk`` sizes): then only the local shard is written, each local row scaled by the
+    factor of its global row; a shard may start or end inside a head, or be empty. No
+    collective, no host synchronisation (the row ranges come from shapes).
 
     Rows whose factor is exactly 1 are selected unchanged by ``torch.where`` rather than
     multiplied, so they stay bit-identical whatever the float environment (flush-to-zero
     would otherwise turn a subnormal times 1.0 into 0).
     """
-    _refuse_dtensor(t, "a clipped weight")
-    t = t.detach()
-    rows = t.unflatten(0, (heads, -1))
-    factor = factor.to(t.device).reshape(factor.shape + (1,) * (rows.dim() - 2))
-    compute = torch.promote_types(t.dtype, torch.float32)
+    local = _local(t).detach()
+    first, held = _dim0_local_range(t)
+    lo, hi = max(start, first), min(start + factor.shape[0], first + held)
+    if lo >= hi:
+        return
+    rows = local[lo - first : hi - first]
+    f = factor[lo - start : hi - start].to(rows.device)
+    f = f.reshape(f.shape + (1,) * (rows.dim() - 1))
+    compute = torch.promote_types(rows.dtype, torch.float32)
     wide = rows.to(compute)
-    rows.copy_(torch.where(factor == 1.0, wide, wide * factor.to(compute)))
+    rows.copy_(torch.where(f == 1.0, wide, wide * f.to(compute)))
 
 
-def _weight_and_bias(
-    proj: Source, bias: Tensor | None, what: str
-) -> tuple[_Getter, _Getter | None]:
+def _is_dtensor(t: Tensor) -> bool:
+    return any(c.__name__ == "DTensor" for c in type(t).__mro__)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The tensor this rank holds: a DTensor's local shard (``to_local``, a view), else ``t``."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _chunk_range(size: int, chunks: int, index: int) -> tuple[int, int]:
+    """(offset, length) of chunk ``index`` when ``torch.chunk`` splits ``size`` into ``chunks``.
+
+    ``torch.chunk`` takes ``ceil(size / chunks)`` per chunk, so the last chunks may be shorter
+    or empty (9 over 2: 5 + 4; 2 over 3: 1 + 1 + 0). Empty chunks are placed at ``size``.
+    """
+    per = -(-size // chunks)
+    first = min(size, per * index)
+    return first, min(size, first + per) - first
+
+
+def _dim0_local_range(t: Tensor) -> tuple[int, int]:
+    """(global offset, local rows) of this rank's part of ``t`` along dim 0.
+
+    A plain tensor is whole: ``(0, rows)``. For a DTensor every ``Shard(0)`` placement splits
+    the current range with ``torch.chunk`` sizes at this rank's coordinate on that mesh dim
+    (DTensor's and FSDP2's rule, nested in mesh order); ``Replicate``, ``Partial`` and shards
+    of other dims keep it. Interleaved shardings of dim 0 (``_StridedShard``, FSDP2 on top of
+    tensor parallelism) do not hold a contiguous row range and are refused.
+    """
+    if not _is_dtensor(t):
+        return 0, t.shape[0]
+    from torch.distributed.tensor import Shard
+
+    coordinate = t.device_mesh.get_coordinate()
+    if coordinate is None:  # this rank is not in the mesh: it holds nothing
+        return 0, 0
+    first, held = 0, t.shape[0]
+    for mesh_dim, placement in enumerate(t.placements):
+        dim = getattr(placement, "dim", None)  # Shard-like placements name their dim
+        if not isinstance(dim, int) or dim % t.dim() != 0:
+            continue
+        if type(placement) is not Shard:
+            raise NotImplementedError(
+                f"QKClip: a DTensor sharded on dim 0 by {placement!r} holds no contiguous row "
+                "range; only Shard(0) (FSDP2 fully_shard), Replicate and shards of other dims "
+                "are supported"
+            )
+        offset, held = _chunk_range(held, t.device_mesh.size(mesh_dim), coordinate[mesh_dim])
+        first += offset
+    local_rows = _local(t).shape[0]
+    if local_rows != held:
+        raise RuntimeError(
+            f"QKClip: DTensor of shape {tuple(t.shape)} with placements {t.placements}: the "
+            f"local shard has {local_rows} rows, the chunk rule gives {held}"
+        )
+    return first, held
+
+
+def _weight_and_bias(proj: Source, bias: Tensor | None, what: str) -> tuple[_Rows, _Rows | None]:
     if isinstance(proj, nn.Linear):
         if bias is not None:
             raise ValueError(
                 f"QKClip: {what} is an nn.Linear; its own bias is used, do not pass one"
             )
         linear = proj
-
-        def weight() -> Tensor:
-            return linear.weight
-
-        def own_bias() -> Tensor:
-            return linear.bias
-
-        return weight, (own_bias if proj.bias is not None else None)
+        own_bias = _Rows(lambda: linear.bias) if proj.bias is not None else None
+        return _Rows(lambda: linear.weight), own_bias
     if not isinstance(proj, Tensor):
         raise TypeError(
             f"QKClip: {what} must be an nn.Linear or a Tensor, got {type(proj).__name__}"
         )
-    weight_t = proj
-
-    def weight_fixed() -> Tensor:
-        return weight_t
-
-    if bias is None:
-        return weight_fixed, None
-    bias_t = bias
-
-    def bias_fixed() -> Tensor:
-        return bias_t
-
-    return weight_fixed, bias_fixed
-
-
-def _refuse_dtensor(t: Tensor, what: str) -> None:
-    """Refuses sharded (DTensor, e.g. FSDP2 ``fully_shard``) weights with the reason.
-
-    The head of a row is known only from the whole tensor's row index; a DTensor shard's
-    local rows would be scaled by the wrong heads' factors, so this is refused, not guessed.
-    """
-    if type(t).__name__ == "DTensor" or any(c.__name__ == "DTensor" for c in type(t).__mro__):
-        raise NotImplementedError(
-            f"QKClip: {what} is a DTensor (FSDP2 fully_shard or tensor-parallel sharding): "
-            "sharded q/k weights are not supported yet, because each local row must be "
-            "mapped to its head through the shard's offset; register the whole weights "
-            "(DDP, ZeRO-1) or, for tensor parallelism, each rank's local heads as plain tensors"
-        )
+    weight_t, bias_t = proj, bias
+    return _Rows(lambda: weight_t), (None if bias_t is None else _Rows(lambda: bias_t))
 
 
 def _check_rows(t: Tensor, heads: int, rows_per_head: int | None, what: str) -> int:
     """Checks that ``t`` splits into ``heads`` equal row blocks; returns the rows per head.
 
     Splitting dim 0 is always a view, whatever the strides, so a scaled block writes through.
+    A DTensor is checked on its global shape, and its placements once (see
+    ``_dim0_local_range``).
     """
-    _refuse_dtensor(t, what)
+    try:
+        _dim0_local_range(t)
+    except NotImplementedError as e:
+        raise NotImplementedError(f"{what}: {e}") from None
     if not t.is_floating_point():
         raise ValueError(f"QKClip: {what} must be floating point, got {t.dtype}")
     if t.dim() < 1 or t.shape[0] % heads:

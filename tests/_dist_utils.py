@@ -1,9 +1,10 @@
-"""Spawned gloo workers for tests/test_distributed.py.
+"""Spawned gloo workers for tests/test_distributed.py and tests/test_qk_clip.py.
 
 Starting a process group costs seconds (each worker imports torch), so one spawn per world
-size runs every scenario in sequence (both world sizes at the same time); each scenario returns JSON metrics per rank and the
-tests assert on them in the parent. Every scenario compares against a single-process,
-full-batch run of ``muon_ext.Muon`` computed inside the worker (cheap at these sizes).
+size runs every scenario in sequence (both world sizes at the same time); each scenario
+returns JSON metrics per rank and the tests assert on them in the parent. Every scenario
+compares against a single-process run computed inside the worker (cheap at these sizes):
+for test_distributed a full-batch run of ``muon_ext.Muon``.
 """
 
 from __future__ import annotations
