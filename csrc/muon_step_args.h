@@ -30,7 +30,15 @@ namespace muon_ext {
 // recurrence blows up. About 8αm³ + 28m³ FLOPs for 5 iterations and one restart against
 // 20αm³ + 10m³ (α = n / m), so it wins on wide buckets only. kAuto picks per bucket with a
 // device-specific rule (see use_gram in the CPU and CUDA implementations).
+// "gram" applies to buckets with n >= kGramMinAspect * m, the only ones where it saves FLOPs;
+// square-ish buckets run standard even then: R = X Xᵀ squares their condition number, and in
+// bf16 (CUDA) that loses them (NaN on 3x3 at 10 iterations in the host-emulation test).
 enum class NsAlgorithm { kStandard, kGram, kAuto };
+constexpr double kGramMinAspect = 1.5;
+
+inline bool gram_shape_ok(int64_t m, int64_t n) {
+  return static_cast<double>(n) >= kGramMinAspect * static_cast<double>(m);
+}
 
 struct NsConfig {
   std::vector<double> coefficients;   // flat (a0, b0, c0, a1, b1, c1, ...)

@@ -63,21 +63,25 @@ ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
 
 NS_ALGORITHM_CHOICES = ("standard", "gram", "auto")
 
+# "gram" runs Gram Newton-Schulz on matrices whose wide orientation m x n has
+# n >= GRAM_MIN_ASPECT * m (the only ones where it saves FLOPs) and standard NS on square-ish
+# ones: R = X Xᵀ squares their condition number (kGramMinAspect in csrc/muon_step_args.h).
+GRAM_MIN_ASPECT = 1.5
 # NOTE: [Gram on CPU] in csrc/cpu/muon_step_cpu.cpp: "auto" takes Gram Newton-Schulz on the CPU
-# for matrices whose wide orientation m x n has n >= CPU_GRAM_MIN_ASPECT * m and
-# m >= CPU_GRAM_MIN_ROWS (the fused step applies the same rule per bucket). On CUDA "auto" is
-# standard: the fused CUDA step has no Gram driver yet.
+# for n >= CPU_GRAM_MIN_ASPECT * m and m >= CPU_GRAM_MIN_ROWS (the fused step applies the same
+# rule per bucket). On CUDA "auto" is standard until thresholds are measured on a GPU.
 CPU_GRAM_MIN_ASPECT = 2.0
 CPU_GRAM_MIN_ROWS = 64
 
 
 def resolve_ns_algorithm(ns_algorithm: str, rows: int, cols: int, device_type: str) -> str:
-    """"standard" or "gram" for one rows x cols matrix on a device of this type."""
-    if ns_algorithm != "auto":
-        return ns_algorithm
+    """"standard" or "gram": what the step runs for one rows x cols matrix on this device type."""
     m, n = min(rows, cols), max(rows, cols)
-    if device_type == "cpu" and m >= CPU_GRAM_MIN_ROWS and n >= CPU_GRAM_MIN_ASPECT * m:
-        return "gram"
+    if ns_algorithm == "gram":
+        return "gram" if n >= GRAM_MIN_ASPECT * m else "standard"
+    if ns_algorithm == "auto":
+        if device_type == "cpu" and m >= CPU_GRAM_MIN_ROWS and n >= CPU_GRAM_MIN_ASPECT * m:
+            return "gram"
     return "standard"
 
 

@@ -137,11 +137,12 @@ class Muon(Optimizer):
       what the next step will allocate. Chunking never changes results.
     * ``ns_algorithm`` (keyword-only, a group hyperparameter, checkpointed): ``"standard"``
       (torch's iteration), ``"gram"`` (Gram Newton-Schulz: the same polynomial computed on
-      X Xᵀ, fewer FLOPs on rectangular matrices; restarting after each iteration count in
+      X Xᵀ, fewer FLOPs on rectangular matrices; applied to matrices with
+      max/min side >= 1.5, standard on squarer ones; restarting after each iteration count in
       ``gram_restarts``; ``None``: after iteration 2, then every 3, see
-      ``muon_ext.reference.default_gram_restarts``) or ``"auto"`` (Gram per shape bucket where it is
-      faster: see ``muon_ext.coefficients.resolve_ns_algorithm``). The fused CUDA step runs
-      standard only ("auto" is standard there; "gram" is refused).
+      ``muon_ext.reference.default_gram_restarts``) or ``"auto"`` (Gram where it was measured
+      to be faster: see ``muon_ext.coefficients.resolve_ns_algorithm``; on CUDA, standard
+      until measured on a GPU).
     """
 
     _step_supports_amp_scaling = True

@@ -92,6 +92,12 @@ def test_auto_picks_gram_per_bucket_and_bit_matches_the_explicit_choice(seed):
     for x, expected in ((wide, "gram"), (square, "standard"), (small, "standard")):
         auto = ops.newton_schulz(x, c, 1e-7, "auto", (2,))
         assert torch.equal(auto, ops.newton_schulz(x, c, 1e-7, expected, (2,)))
+    # "gram" itself runs standard NS on square-ish matrices (n < 1.5 m: R squares their
+    # condition number, and Gram saves no FLOPs there).
+    assert resolve_ns_algorithm("gram", 96, 96, "cpu") == "standard"
+    assert resolve_ns_algorithm("gram", 100, 150, "cuda") == "gram"
+    assert torch.equal(ops.newton_schulz(square, c, 1e-7, "gram", (2,)),
+                       ops.newton_schulz(square, c, 1e-7, "standard", (2,)))
     # Gram really differs from standard in the last bits (else the check above proves nothing).
     assert not torch.equal(
         ops.newton_schulz(wide, c, 1e-7, "gram", (2,)),

@@ -83,7 +83,7 @@ bool use_gram(const NsConfig& ns, int64_t m, int64_t n) {
   if (ns.algorithm == NsAlgorithm::kAuto) {
     return m >= kCpuGramMinRows && static_cast<double>(n) >= kCpuGramMinAspect * m;
   }
-  return ns.algorithm == NsAlgorithm::kGram;
+  return ns.algorithm == NsAlgorithm::kGram && gram_shape_ok(m, n);
 }
 
 // Scratch bytes of one m x n matrix on the CPU (fp32): X, X_next and the m x m buffers.

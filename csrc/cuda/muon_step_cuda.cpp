@@ -113,12 +113,15 @@ BlasResources blas_resources([[maybe_unused]] const at::TensorOptions& options, 
   return r;
 }
 
-// The CUDA step runs standard Newton-Schulz only: "auto" is standard here, "gram" is refused
-// (the Gram driver exists on the CPU; on CUDA it is not built yet).
-void check_cuda_ns_algorithm(const NsConfig& ns, const char* op) {
-  TORCH_CHECK_NOT_IMPLEMENTED(ns.algorithm != NsAlgorithm::kGram, op,
-                              ": ns_algorithm='gram' is implemented on the CPU only; on CUDA use "
-                              "'standard' or 'auto' (which is standard on CUDA)");
+// Which buckets run Gram Newton-Schulz on CUDA (NOTE: [Gram on CUDA] in newton_schulz.cu).
+// "auto" is standard here: its thresholds are chosen from measurements, and none has been made
+// on a GPU yet.
+std::vector<bool> cuda_gram_buckets(const NsConfig& ns, const std::vector<mk::ShapeBucket>& b) {
+  std::vector<bool> gram(b.size(), false);
+  for (size_t k = 0; k < b.size(); ++k) {
+    gram[k] = ns.algorithm == NsAlgorithm::kGram && gram_shape_ok(b[k].m, b[k].n);
+  }
+  return gram;
 }
 
 // NOTE: [Fault injection] (csrc/cpu/muon_step_cpu.cpp): MUON_EXT_TEST_FAIL_BEFORE_WRITE=1 throws
@@ -136,10 +139,12 @@ void maybe_inject_failure(const char* op) {
 void plan_and_run(const char* op, const std::vector<mk::MatrixTensor>& tensors,
                   const std::vector<mk::ShapeBucket>& buckets, mk::ElementType type,
                   mk::DirectionSource source, mk::WriteBack mode, const mk::StepScalars& scalars,
-                  const std::vector<double>& coefficients, int64_t workspace_limit,
-                  bool force_legacy, const at::TensorOptions& options, cudaStream_t stream) {
+                  const NsConfig& ns, int64_t workspace_limit, bool force_legacy,
+                  const at::TensorOptions& options, cudaStream_t stream) {
   mk::StepPlan plan;
-  run_phase(op, [&] { plan = mk::plan_step(tensors, buckets, type, workspace_limit); });
+  run_phase(op, [&] {
+    plan = mk::plan_step(tensors, buckets, type, workspace_limit, cuda_gram_buckets(ns, buckets));
+  });
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(plan.workspace_bytes)}, options.dtype(at::kByte));
   void* ws = workspace.data_ptr();
@@ -149,8 +154,9 @@ void plan_and_run(const char* op, const std::vector<mk::MatrixTensor>& tensors,
   maybe_inject_failure(op);
   NvtxRange range("muon_ext::step");
   run_phase(op, [&] {
-    mk::run_step(plan, prepared, ws, type, source, mode, scalars, coefficients.data(),
-                 static_cast<int64_t>(coefficients.size()), blas.ctx, stream);
+    mk::run_step(plan, prepared, ws, type, source, mode, scalars, ns.coefficients.data(),
+                 static_cast<int64_t>(ns.coefficients.size()), blas.ctx, stream,
+                 ns.gram_restarts);
   });
 }
 
@@ -200,8 +206,7 @@ void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const c10::optional<at::Tensor>& found_inf, int64_t workspace_limit,
                     c10::string_view ns_algorithm, at::IntArrayRef gram_restarts) {
   resolve_workspace_limit(workspace_limit);  // a bad limit is rejected before any work
-  check_cuda_ns_algorithm(
-      make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts), "muon_step_");
+  const NsConfig ns = make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts);
   MuonStepArgs args{momentum,
                     nesterov,
                     weight_decay,
@@ -239,15 +244,14 @@ void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   const KernelTensors k =
       kernel_tensors(params, grads, momentum_buffers, update_scales, buckets);
   plan_and_run("muon_step_", k.tensors, k.buckets, element_type(params[0].scalar_type()),
-               mk::DirectionSource::kMomentum, mk::WriteBack::kApplyUpdate, scalars,
-               args.ns_coefficients, workspace_limit, force_legacy, options, stream);
+               mk::DirectionSource::kMomentum, mk::WriteBack::kApplyUpdate, scalars, ns,
+               workspace_limit, force_legacy, options, stream);
 }
 
 // The bytes muon_step_ would allocate for these params (shapes and dtype only: nothing is read).
 int64_t muon_step_workspace_bytes_cuda(at::TensorList params, int64_t workspace_limit,
                                        c10::string_view ns_algorithm) {
-  check_cuda_ns_algorithm(make_ns_config({1.0, 0.0, 0.0}, 0.0, ns_algorithm, {}),
-                          "muon_step_workspace_bytes");
+  const NsConfig ns = make_ns_config({1.0, 0.0, 0.0}, 0.0, ns_algorithm, {});
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].dim() == 3, "muon_step_workspace_bytes: params[", i,
                 "] must be a 3-D (batch, rows, cols) view, got shape ", params[i].sizes());
@@ -259,7 +263,7 @@ int64_t muon_step_workspace_bytes_cuda(at::TensorList params, int64_t workspace_
   mk::StepPlan plan;
   run_phase("muon_step_workspace_bytes", [&] {
     plan = mk::plan_step(k.tensors, k.buckets, element_type(params[0].scalar_type()),
-                         workspace_limit);
+                         workspace_limit, cuda_gram_buckets(ns, k.buckets));
   });
   return static_cast<int64_t>(plan.workspace_bytes);
 }
@@ -268,8 +272,7 @@ at::Tensor newton_schulz_cuda(const at::Tensor& x, at::ArrayRef<double> ns_coeff
                               double eps, c10::string_view ns_algorithm,
                               at::IntArrayRef gram_restarts) {
   const std::vector<double> coefficients(ns_coefficients.begin(), ns_coefficients.end());
-  check_cuda_ns_algorithm(make_ns_config(coefficients, eps, ns_algorithm, gram_restarts),
-                          "newton_schulz");
+  const NsConfig ns = make_ns_config(coefficients, eps, ns_algorithm, gram_restarts);
   const bool force_legacy = force_legacy_blas();
   TORCH_CHECK(x.is_cuda(), "newton_schulz: x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 3, "newton_schulz: x must be a 3-D (batch, rows, cols) tensor, got shape ",
@@ -301,7 +304,7 @@ at::Tensor newton_schulz_cuda(const at::Tensor& x, at::ArrayRef<double> ns_coeff
   mk::StepScalars scalars;
   scalars.eps = eps;
   plan_and_run("newton_schulz", tensors, buckets, element_type(dtype), mk::DirectionSource::kInput,
-               mk::WriteBack::kCopy, scalars, coefficients, /*workspace_limit=*/-1, force_legacy,
+               mk::WriteBack::kCopy, scalars, ns, /*workspace_limit=*/-1, force_legacy,
                input.options(), stream);
   return out;
 }

@@ -94,19 +94,23 @@ struct ShapeBucket {
 // operand alignment; the allocation is the largest chunk's layout):
 //   partials  float[num_partials]     phase 1 -> phase 2, one per kNormChunk of a matrix
 //   X0, X1    bf16[count * m * n]     ping-pong Newton-Schulz iterates
-//   gram      bf16[count * m * m]     A = X Xᵀ
-//   poly      bf16[count * m * m]     B = b A + c A A
+//   gram      bf16[count * m * m]     A = X Xᵀ (Gram NS: R)
+//   poly      bf16[count * m * m]     B = b A + c A A (Gram NS: Z)
+//   q0, q1, t bf16[count * m * m]     Gram NS only: the ping-pong Q and T
 struct StepChunk {
   size_t bucket = 0;
   int64_t bucket_matrices = 0;  // of the whole bucket: the batch the GEMM heuristic is asked at
   int64_t m = 0;
   int64_t n = 0;
   int64_t count = 0;                 // matrices in the chunk
+  bool gram = false;                  // Gram Newton-Schulz (NOTE: [Gram on CUDA]) for this bucket
   std::vector<MatrixTensor> tensors;  // the chunk's slices of the caller's tensors, bucket order
   int64_t num_partials = 0;
   size_t x_offset[2] = {0, 0};
   size_t gram_offset = 0;
   size_t poly_offset = 0;
+  size_t q_offset[2] = {0, 0};  // Gram only
+  size_t t_offset = 0;          // Gram only
   size_t bytes = 0;  // end of this chunk's layout
 };
 
@@ -116,13 +120,16 @@ struct StepPlan {
 };
 
 // Scratch of one chunk of `count` m x n matrices, alignment padding included.
-size_t chunk_workspace_bytes(int64_t count, int64_t m, int64_t n);
+size_t chunk_workspace_bytes(int64_t count, int64_t m, int64_t n, bool gram = false);
 
 // Buffers of one bucket's Newton-Schulz iterations (all bf16, contiguous strided batches).
 struct NsBuffers {
   __nv_bfloat16* x[2] = {nullptr, nullptr};  // num_matrices * m * n each; x[0] holds the input
-  __nv_bfloat16* gram = nullptr;             // num_matrices * m * m: A = X Xᵀ
-  __nv_bfloat16* poly = nullptr;             // num_matrices * m * m: B = b A + c A A
+  __nv_bfloat16* gram = nullptr;             // num_matrices * m * m: A = X Xᵀ (Gram: R)
+  __nv_bfloat16* poly = nullptr;             // num_matrices * m * m: B = b A + c A A (Gram: Z)
+  // Gram Newton-Schulz only (num_matrices * m * m each): the ping-pong Q and T = RZ + aR.
+  __nv_bfloat16* q[2] = {nullptr, nullptr};
+  __nv_bfloat16* t = nullptr;
 };
 
 // BLAS context of phase 3. `lt` and `lt_workspace` drive the cuBLASLt path; `legacy` is the
@@ -145,9 +152,10 @@ int64_t count_norm_partials(const std::vector<MatrixTensor>& tensors);
 // Splits the buckets into chunks whose workspace fits `workspace_limit` bytes (-1: the default;
 // a single matrix bigger than the limit is a chunk of its own) and lays each chunk out. Throws
 // std::invalid_argument when a tensor does not match its bucket's (m, n) or the limit is bad.
+// `gram[k]`: bucket k runs Gram Newton-Schulz (empty: none does).
 StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
                    const std::vector<ShapeBucket>& buckets, ElementType type,
-                   int64_t workspace_limit);
+                   int64_t workspace_limit, const std::vector<bool>& gram = {});
 
 // The buffers of one chunk in a workspace laid out by plan_step; binds every slice's ns_x to its
 // first matrix in X buffer `which` (0 or 1).
@@ -184,10 +192,11 @@ PreparedStep prepare_step(const StepPlan& plan, void* workspace, const BlasConte
 
 // Runs the four phases chunk by chunk (NOTE: [Chunked step]). `workspace` holds
 // plan.workspace_bytes; `prepared` comes from prepare_step on the same plan and workspace.
+// `gram_restarts`: the restart iteration counts of Gram chunks (NOTE: [Gram on CUDA]).
 void run_step(StepPlan& plan, const PreparedStep& prepared, void* workspace, ElementType type,
               DirectionSource source, WriteBack mode, const StepScalars& scalars,
               const double* coefficients, int64_t num_coefficients, const BlasContext& blas,
-              cudaStream_t stream);
+              cudaStream_t stream, const std::vector<int64_t>& gram_restarts = {});
 
 // ---- phases (asynchronous on `stream`; throw std::runtime_error on a failed launch) ----
 
@@ -209,6 +218,15 @@ int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coe
                           int64_t num_coefficients, const NsBuffers& buffers,
                           const BlasContext& blas, cudaStream_t stream,
                           const NsGemmPlan* plan = nullptr);
+
+// Phase 3, Gram Newton-Schulz (NOTE: [Gram on CUDA] in newton_schulz.cu): the same polynomial
+// as newton_schulz_batched in exact arithmetic, on the m x m Gram matrix; needs buffers.q and
+// buffers.t. Restarts after each iteration count in `restarts` (ascending). Returns the X buffer
+// (0 or 1) holding the result.
+int gram_newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coefficients,
+                               int64_t num_coefficients, const std::vector<int64_t>& restarts,
+                               const NsBuffers& buffers, const BlasContext& blas,
+                               cudaStream_t stream, const NsGemmPlan* plan = nullptr);
 
 // Phase 4: reads every tensor's ns_x (which must point at the buffer newton_schulz_batched
 // returned) with the transposition undone, and writes dst.

@@ -52,6 +52,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "multi_matrix_apply.cuh"
 #include "muon_kernels.cuh"
 
 namespace muon_ext {
@@ -338,6 +339,9 @@ IterationShapes iteration_shapes(int64_t batch, int64_t m, int64_t n) {
                 /*ld_c=*/n, /*stride_a=*/mn, /*stride_b=*/mm, /*stride_c=*/mn, batch}};
 }
 
+// Grid of the elementwise Gram kernel: a grid-stride loop over at most this many blocks.
+constexpr int64_t kIdentityGridBlocks = 1024;
+
 // NOTE: [GEMM plan cache]
 // The heuristic's answer depends only on the handle (hence the device), the GEMM's shape and
 // batch, the operands' alignments and the workspace size, so it is cached under exactly that key:
@@ -380,6 +384,41 @@ std::shared_ptr<const LtGemm> cached_gemm(const BlasContext& blas, const GemmSha
   return cache.entries.emplace(key, std::move(gemm)).first->second;
 }
 
+// One GEMM through its cuBLASLt plan, or the legacy fallback when there is none.
+void run_gemm(const BlasContext& blas, const LtGemm* lt, const GemmShape& s, const bf16* A,
+              const bf16* B, const bf16* C, bf16* D, float alpha, float beta,
+              cudaStream_t stream) {
+  if (lt != nullptr && lt->ok()) {
+    lt->run(blas, A, B, C, D, alpha, beta, stream);
+  } else {
+    legacy_gemm(blas, s, A, B, C, D, alpha, beta, stream);
+  }
+}
+
+// dst = src + a I for a batch of row-major m x m matrices: in fp32, rounded to bf16 once. This
+// is what the GEMM Q Z + a Q gives for Q = I (fp32 accumulation, one rounding), without the
+// GEMM; it is not the unstable "a I folded into a half-precision Z" (NOTE: [Gram on CUDA]).
+__global__ void __launch_bounds__(detail::kBlockSize)
+    add_scaled_identity_kernel(bf16* __restrict__ dst, const bf16* __restrict__ src,
+                               int64_t total, int64_t m, float a) {
+  const int64_t stride = static_cast<int64_t>(detail::kBlockSize) * kIdentityGridBlocks;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * detail::kBlockSize + threadIdx.x;
+       i < total; i += stride) {
+    const int64_t within = i % (m * m);
+    const float v = detail::to_float(src[i]) + (within / m == within % m ? a : 0.f);
+    dst[i] = detail::from_float<bf16>(v);
+  }
+}
+
+void launch_add_scaled_identity(bf16* dst, const bf16* src, int64_t batch, int64_t m, float a,
+                                cudaStream_t stream) {
+  const int64_t total = batch * m * m;
+  const int64_t blocks =
+      std::min<int64_t>(kIdentityGridBlocks, detail::ceil_div(total, detail::kBlockSize));
+  detail::launch_kernel(add_scaled_identity_kernel, blocks, stream, dst, src, total, m, a);
+  check_cuda(cudaGetLastError(), "add_scaled_identity_kernel launch");
+}
+
 }  // namespace
 
 int64_t lt_gemm_plans_built() {
@@ -393,13 +432,15 @@ NsGemmPlan plan_newton_schulz(int64_t batch, int64_t m, int64_t n, const NsBuffe
   NsGemmPlan plan;
   if (blas.force_legacy || blas.lt == nullptr) return plan;  // every GEMM takes the legacy path
   const IterationShapes s = iteration_shapes(batch, m, n);
+  // One alignment for every m x m buffer: Gram NS runs the same m x m GEMM plan on R, Z, Q and
+  // T in turn (null buffers, absent for standard NS, constrain nothing).
   const uint32_t x_align = operand_alignment({buffers.x[0], buffers.x[1]}, n, m * n);
-  const uint32_t gram_align = operand_alignment({buffers.gram}, m, m * m);
-  const uint32_t poly_align = operand_alignment({buffers.poly}, m, m * m);
+  const uint32_t sq = operand_alignment(
+      {buffers.gram, buffers.poly, buffers.q[0], buffers.q[1], buffers.t}, m, m * m);
   if (heuristic_batch < 1) heuristic_batch = batch;
-  plan.gram = cached_gemm(blas, s.gram, heuristic_batch, x_align, x_align, gram_align, gram_align);
-  plan.poly = cached_gemm(blas, s.poly, heuristic_batch, gram_align, gram_align, gram_align, poly_align);
-  plan.update = cached_gemm(blas, s.update, heuristic_batch, x_align, poly_align, x_align, x_align);
+  plan.gram = cached_gemm(blas, s.gram, heuristic_batch, x_align, x_align, sq, sq);
+  plan.poly = cached_gemm(blas, s.poly, heuristic_batch, sq, sq, sq, sq);
+  plan.update = cached_gemm(blas, s.update, heuristic_batch, x_align, sq, x_align, x_align);
   return plan;
 }
 
@@ -433,11 +474,7 @@ int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coe
   const LtGemm* update_gemm = gemms.update.get();
   auto gemm = [&](const LtGemm* lt, const GemmShape& s, const bf16* A, const bf16* B,
                   const bf16* C, bf16* D, float alpha, float beta) {
-    if (lt != nullptr && lt->ok()) {
-      lt->run(blas, A, B, C, D, alpha, beta, stream);
-    } else {
-      legacy_gemm(blas, s, A, B, C, D, alpha, beta, stream);
-    }
+    run_gemm(blas, lt, s, A, B, C, D, alpha, beta, stream);
   };
 
   int cur = 0;
@@ -456,6 +493,92 @@ int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coe
     gemm(update_gemm, update_shape, x, buffers.poly, x, x_next, 1.f, a);
     cur = 1 - cur;
   }
+  return cur;
+}
+
+// NOTE: [Gram on CUDA]
+// Gram Newton-Schulz (NOTE: [Newton-Schulz algorithm] in csrc/muon_step_args.h) on the same
+// bf16 buffers and GEMM plans as the standard iteration. In row-major terms, per (a, b, c):
+//   Z  = c R R + b R          the poly GEMM (A = B = C = R, D = Z), as B = cAA + bA
+//   Q' = Q Z + a Q            m x m x m; column-major D_c = Z_c Q_c + a Q_c (A = Z, B = Q)
+//   T  = R Z + a R            column-major D_c = Z_c R_c + a R_c     (A = Z, B = R, C = R)
+//   R  = Z T + a T            column-major D_c = T_c Z_c + a T_c     (A = T, B = Z, C = T)
+// (every m x m product Y = P S + a C reads column-major as Y_c = S_c P_c + a C_c: the poly
+// shape, NN, ld m), and at the end (and at each restart) X' = Q X, the update GEMM with
+// beta 0; R = X Xᵀ is the gram GEMM. The a-terms stay in beta. Q = I is not stored: the first
+// product after a (re)start is Q = Z + a I (add_scaled_identity_kernel). R is not updated after
+// the last iteration nor before a restart. The iterates are bf16 like the standard path's;
+// restarts (after iteration 2 by default) re-measure R from X, which keeps the negative
+// eigenvalues that bf16 rounding gives R of a low-rank X from growing by a² per update.
+int gram_newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coefficients,
+                               int64_t num_coefficients, const std::vector<int64_t>& restarts,
+                               const NsBuffers& buffers, const BlasContext& blas,
+                               cudaStream_t stream, const NsGemmPlan* plan) {
+  if (batch < 1 || batch > INT32_MAX || m < 1 || n < m) {
+    throw std::invalid_argument("muon_ext gram newton_schulz: need 1 <= batch <= 2^31-1 and "
+                                "1 <= m <= n, got batch=" + std::to_string(batch) +
+                                " m=" + std::to_string(m) + " n=" + std::to_string(n));
+  }
+  if (coefficients == nullptr || num_coefficients < 3 || num_coefficients % 3 != 0) {
+    throw std::invalid_argument("muon_ext newton_schulz: coefficients must be (a, b, c) triples");
+  }
+  if (buffers.x[0] == nullptr || buffers.x[1] == nullptr || buffers.gram == nullptr ||
+      buffers.poly == nullptr || buffers.q[0] == nullptr || buffers.q[1] == nullptr ||
+      buffers.t == nullptr) {
+    throw std::invalid_argument("muon_ext gram newton_schulz: null workspace buffer");
+  }
+  if (blas.lt == nullptr && blas.legacy == nullptr) {
+    throw std::invalid_argument("muon_ext newton_schulz: no cuBLASLt or cuBLAS handle");
+  }
+  const IterationShapes shapes = iteration_shapes(batch, m, n);
+  const NsGemmPlan gemms = plan != nullptr ? *plan : plan_newton_schulz(batch, m, n, buffers, blas);
+  auto square = [&](const bf16* A, const bf16* B, const bf16* C, bf16* D, float alpha,
+                    float beta) {  // column-major D = alpha A B + beta C, all m x m
+    run_gemm(blas, gemms.poly.get(), shapes.poly, A, B, C, D, alpha, beta, stream);
+  };
+  bf16* r = buffers.gram;
+  bf16* z = buffers.poly;
+  bf16* t = buffers.t;
+  bf16* q = buffers.q[0];
+  bf16* q_next = buffers.q[1];
+  int cur = 0;
+  auto apply_q = [&] {  // X' = Q X: column-major X'_c = X_c Q_c
+    run_gemm(blas, gemms.update.get(), shapes.update, buffers.x[cur], q, buffers.x[1 - cur],
+             buffers.x[1 - cur], 1.f, 0.f, stream);
+    cur = 1 - cur;
+  };
+  auto measure_r = [&] {  // R = X Xᵀ
+    run_gemm(blas, gemms.gram.get(), shapes.gram, buffers.x[cur], buffers.x[cur], r, r, 1.f, 0.f,
+             stream);
+  };
+  measure_r();
+  bool q_is_identity = true;
+  const int64_t iterations = num_coefficients / 3;
+  for (int64_t it = 0; it < iterations; ++it) {
+    const float a = static_cast<float>(coefficients[3 * it + 0]);
+    const float b = static_cast<float>(coefficients[3 * it + 1]);
+    const float c = static_cast<float>(coefficients[3 * it + 2]);
+    square(r, r, r, z, c, b);  // Z = c R R + b R
+    if (q_is_identity) {
+      launch_add_scaled_identity(q, z, batch, m, a, stream);  // Q = Z + a I
+      q_is_identity = false;
+    } else {
+      square(z, q, q, q_next, 1.f, a);  // Q' = Q Z + a Q
+      std::swap(q, q_next);
+    }
+    const bool last = it + 1 == iterations;
+    const bool restart =
+        !last && std::find(restarts.begin(), restarts.end(), it + 1) != restarts.end();
+    if (restart) {
+      apply_q();
+      measure_r();
+      q_is_identity = true;
+    } else if (!last) {
+      square(z, r, r, t, 1.f, a);  // T = R Z + a R
+      square(t, z, t, r, 1.f, a);  // R = Z T + a T
+    }
+  }
+  if (!q_is_identity) apply_q();
   return cur;
 }
 

@@ -57,12 +57,17 @@ int64_t count_norm_partials(const std::vector<MatrixTensor>& tensors) {
   return total;
 }
 
-size_t chunk_workspace_bytes(int64_t count, int64_t m, int64_t n) {
+namespace {
+// m x m buffers per chunk: A and B (standard), or R, Z, Q, Q' and T (Gram).
+size_t square_buffers(bool gram) { return gram ? 5 : 2; }
+}  // namespace
+
+size_t chunk_workspace_bytes(int64_t count, int64_t m, int64_t n, bool gram) {
   const size_t c = static_cast<size_t>(count), mm = static_cast<size_t>(m) * static_cast<size_t>(m),
                mn = static_cast<size_t>(m) * static_cast<size_t>(n);
   const size_t partials = c * static_cast<size_t>(detail::norm_chunks_per_matrix(m, n));
   return align_up(partials * sizeof(float)) + 2 * align_up(c * mn * sizeof(__nv_bfloat16)) +
-         2 * align_up(c * mm * sizeof(__nv_bfloat16));
+         square_buffers(gram) * align_up(c * mm * sizeof(__nv_bfloat16));
 }
 
 namespace {
@@ -100,8 +105,12 @@ std::vector<MatrixTensor> chunk_slices(const std::vector<MatrixTensor>& tensors,
 
 StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
                    const std::vector<ShapeBucket>& buckets, ElementType type,
-                   int64_t workspace_limit) {
+                   int64_t workspace_limit, const std::vector<bool>& gram) {
   const int64_t limit = resolve_workspace_limit_or_throw(workspace_limit);
+  if (!gram.empty() && gram.size() != buckets.size()) {
+    throw std::invalid_argument("muon_ext: one Gram flag per bucket expected");
+  }
+  auto uses_gram = [&](size_t k) { return !gram.empty() && gram[k]; };
   std::vector<int64_t> counts, bytes;
   for (size_t k = 0; k < buckets.size(); ++k) {
     const ShapeBucket& b = buckets[k];
@@ -110,10 +119,11 @@ StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
     // Per matrix, without padding: the limit below is reduced by the most padding a chunk has.
     bytes.push_back(static_cast<int64_t>(
         static_cast<size_t>(detail::norm_chunks_per_matrix(b.m, b.n)) * sizeof(float) +
-        (2 * static_cast<size_t>(b.m * b.n) + 2 * static_cast<size_t>(b.m * b.m)) *
+        (2 * static_cast<size_t>(b.m * b.n) +
+         square_buffers(uses_gram(k)) * static_cast<size_t>(b.m * b.m)) *
             sizeof(__nv_bfloat16)));
   }
-  const int64_t padding = 5 * static_cast<int64_t>(kRegionAlignment);
+  const int64_t padding = 8 * static_cast<int64_t>(kRegionAlignment);
   const ChunkPlan chunks = split_into_chunks(counts, bytes, std::max<int64_t>(1, limit - padding));
   StepPlan plan;
   for (const Chunk& c : chunks.chunks) {
@@ -124,6 +134,7 @@ StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
     sc.m = b.m;
     sc.n = b.n;
     sc.count = c.count;
+    sc.gram = uses_gram(c.bucket);
     sc.tensors = chunk_slices(tensors, b, c.first, c.count, type);
     sc.num_partials = count_norm_partials(sc.tensors);
     const size_t x_bytes = static_cast<size_t>(c.count * b.m * b.n) * sizeof(__nv_bfloat16);
@@ -137,6 +148,14 @@ StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
     offset = align_up(offset + g_bytes);
     sc.poly_offset = offset;
     offset = align_up(offset + g_bytes);
+    if (sc.gram) {
+      for (int which = 0; which < 2; ++which) {
+        sc.q_offset[which] = offset;
+        offset = align_up(offset + g_bytes);
+      }
+      sc.t_offset = offset;
+      offset = align_up(offset + g_bytes);
+    }
     sc.bytes = offset;
     plan.workspace_bytes = std::max(plan.workspace_bytes, offset);
     plan.chunks.push_back(std::move(sc));
@@ -151,6 +170,11 @@ NsBuffers chunk_ns_buffers(const StepChunk& chunk, void* workspace) {
   buffers.x[1] = reinterpret_cast<__nv_bfloat16*>(base + chunk.x_offset[1]);
   buffers.gram = reinterpret_cast<__nv_bfloat16*>(base + chunk.gram_offset);
   buffers.poly = reinterpret_cast<__nv_bfloat16*>(base + chunk.poly_offset);
+  if (chunk.gram) {
+    buffers.q[0] = reinterpret_cast<__nv_bfloat16*>(base + chunk.q_offset[0]);
+    buffers.q[1] = reinterpret_cast<__nv_bfloat16*>(base + chunk.q_offset[1]);
+    buffers.t = reinterpret_cast<__nv_bfloat16*>(base + chunk.t_offset);
+  }
   return buffers;
 }
 
@@ -182,7 +206,7 @@ PreparedStep prepare_step(const StepPlan& plan, void* workspace, const BlasConte
 void run_step(StepPlan& plan, const PreparedStep& prepared, void* workspace, ElementType type,
               DirectionSource source, WriteBack mode, const StepScalars& scalars,
               const double* coefficients, int64_t num_coefficients, const BlasContext& blas,
-              cudaStream_t stream) {
+              cudaStream_t stream, const std::vector<int64_t>& gram_restarts) {
   if (prepared.gemm.size() != plan.chunks.size()) {
     throw std::invalid_argument("muon_ext: prepared GEMM plans do not match the step plan");
   }
@@ -192,9 +216,13 @@ void run_step(StepPlan& plan, const PreparedStep& prepared, void* workspace, Ele
     launch_norm_partials(c.tensors, type, source, scalars, partials, stream);
     bind_chunk_ns_buffers(c, workspace, 0);
     launch_normalize(c.tensors, type, source, scalars, partials, stream);
-    const int result = newton_schulz_batched(c.count, c.m, c.n, coefficients, num_coefficients,
-                                             chunk_ns_buffers(c, workspace), blas, stream,
-                                             &prepared.gemm[i]);
+    const NsBuffers buffers = chunk_ns_buffers(c, workspace);
+    const int result =
+        c.gram ? gram_newton_schulz_batched(c.count, c.m, c.n, coefficients, num_coefficients,
+                                            gram_restarts, buffers, blas, stream,
+                                            &prepared.gemm[i])
+               : newton_schulz_batched(c.count, c.m, c.n, coefficients, num_coefficients,
+                                       buffers, blas, stream, &prepared.gemm[i]);
     bind_chunk_ns_buffers(c, workspace, result);
     launch_write_back(c.tensors, type, mode, scalars, stream);
   }

@@ -233,9 +233,74 @@ Matrix ns_cpu(Matrix x, int64_t m, int64_t n, const std::vector<double>& coeffs,
   return x;
 }
 
+// C = alpha A B + beta D for row-major A (p x q), B (q x r), D (p x r).
+Matrix matmul(const Matrix& A, const Matrix& B, int64_t p, int64_t q, int64_t r, double alpha = 1,
+              double beta = 0, const Matrix* D = nullptr) {
+  Matrix C(static_cast<size_t>(p * r));
+  for (int64_t i = 0; i < p; ++i) {
+    for (int64_t j = 0; j < r; ++j) {
+      double s = 0;
+      for (int64_t k = 0; k < q; ++k) s += A[i * q + k] * B[k * r + j];
+      C[i * r + j] = alpha * s + (D != nullptr ? beta * (*D)[i * r + j] : 0.0);
+    }
+  }
+  return C;
+}
+
+// Gram Newton-Schulz (NOTE: [Gram on CUDA]) on an m x n matrix, in double; with emulate_bf16
+// every stored matrix (R, Z, Q, T, X) is rounded to bf16 where the GPU stores it.
+Matrix gram_ns_cpu(Matrix x, int64_t m, int64_t n, const std::vector<double>& coeffs,
+                   const std::vector<int64_t>& restarts, bool emulate_bf16) {
+  auto rounded = [&](Matrix z) {
+    if (emulate_bf16) {
+      for (double& v : z) v = round_bf16(v);
+    }
+    return z;
+  };
+  auto transpose = [](const Matrix& a, int64_t p, int64_t q) {
+    Matrix t(a.size());
+    for (int64_t i = 0; i < p; ++i) {
+      for (int64_t j = 0; j < q; ++j) t[j * p + i] = a[i * q + j];
+    }
+    return t;
+  };
+  x = rounded(std::move(x));
+  Matrix r = rounded(matmul(x, transpose(x, m, n), m, n, m));
+  Matrix q;
+  bool identity = true;
+  const int64_t iterations = static_cast<int64_t>(coeffs.size() / 3);
+  for (int64_t it = 0; it < iterations; ++it) {
+    const double a = coeffs[3 * it], b = coeffs[3 * it + 1], c = coeffs[3 * it + 2];
+    const Matrix z = rounded(matmul(r, r, m, m, m, c, b, &r));
+    if (identity) {
+      q = z;
+      for (int64_t i = 0; i < m; ++i) q[i * m + i] += a;
+      q = rounded(std::move(q));
+      identity = false;
+    } else {
+      q = rounded(matmul(q, z, m, m, m, 1, a, &q));
+    }
+    const bool last = it + 1 == iterations;
+    const bool restart =
+        !last && std::find(restarts.begin(), restarts.end(), it + 1) != restarts.end();
+    if (restart) {
+      x = rounded(matmul(q, x, m, m, n));
+      r = rounded(matmul(x, transpose(x, m, n), m, n, m));
+      identity = true;
+    } else if (!last) {
+      const Matrix t = rounded(matmul(r, z, m, m, m, 1, a, &r));
+      r = rounded(matmul(z, t, m, m, m, 1, a, &t));
+    }
+  }
+  if (!identity) x = rounded(matmul(q, x, m, m, n));
+  return x;
+}
+
 // Orthogonalized direction of one rows x cols matrix U (row-major), returned in U's orientation.
+// `gram_restarts` non-null: Gram Newton-Schulz with those restarts.
 Matrix orthogonalize_cpu(const Matrix& u, int64_t rows, int64_t cols,
-                         const std::vector<double>& coeffs, double eps, bool emulate_bf16) {
+                         const std::vector<double>& coeffs, double eps, bool emulate_bf16,
+                         const std::vector<int64_t>* gram_restarts = nullptr) {
   double ss = 0;
   for (double v : u) ss += v * v;
   const double denom = std::max(std::sqrt(ss), eps);
@@ -252,7 +317,9 @@ Matrix orthogonalize_cpu(const Matrix& u, int64_t rows, int64_t cols,
       }
     }
   }
-  const Matrix y = ns_cpu(std::move(x), m, n, coeffs, emulate_bf16);
+  const Matrix y = gram_restarts != nullptr
+                       ? gram_ns_cpu(std::move(x), m, n, coeffs, *gram_restarts, emulate_bf16)
+                       : ns_cpu(std::move(x), m, n, coeffs, emulate_bf16);
   Matrix out(static_cast<size_t>(rows * cols));
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = tall ? y[j * rows + i] : y[i * cols + j];
@@ -293,13 +360,15 @@ void run_phases(const std::vector<mk::MatrixTensor>& tensors,
                 const std::vector<mk::ShapeBucket>& buckets, mk::ElementType type,
                 mk::DirectionSource source, mk::WriteBack mode, const mk::StepScalars& scalars,
                 const std::vector<double>& coeffs, const mk::BlasContext& blas,
-                cudaStream_t stream, int64_t workspace_limit = -1) {
-  mk::StepPlan plan = mk::plan_step(tensors, buckets, type, workspace_limit);
+                cudaStream_t stream, int64_t workspace_limit = -1, bool gram = false,
+                const std::vector<int64_t>& gram_restarts = {}) {
+  mk::StepPlan plan = mk::plan_step(tensors, buckets, type, workspace_limit,
+                                    std::vector<bool>(buckets.size(), gram));
   DeviceBuffer ws(plan.workspace_bytes);
   check_cuda(cudaMemsetAsync(ws.get(), 0xFF, ws.bytes(), stream), "poison workspace");
   const mk::PreparedStep prepared = mk::prepare_step(plan, ws.get(), blas);
   mk::run_step(plan, prepared, ws.get(), type, source, mode, scalars, coeffs.data(),
-               static_cast<int64_t>(coeffs.size()), blas, stream);
+               static_cast<int64_t>(coeffs.size()), blas, stream, gram_restarts);
   check_cuda(cudaStreamSynchronize(stream), "step");
 }
 
@@ -349,6 +418,8 @@ struct StepConfig {
   float found_inf = 0.f;  // > 0: pass a device found_inf flag with this value
   bool force_legacy = false;
   int64_t workspace_limit = -1;  // bytes; small values force many chunks
+  bool gram = false;             // Gram Newton-Schulz for every bucket
+  std::vector<int64_t> gram_restarts = {2};
 };
 
 struct StepResult {
@@ -404,7 +475,7 @@ StepResult run_gpu_step(const StepData& d, mk::ElementType type, const StepConfi
 
   run_phases(tensors, make_buckets(kShapes), type, mk::DirectionSource::kMomentum,
              mk::WriteBack::kApplyUpdate, sc, coeffs, blas.context(cfg.force_legacy), stream,
-             cfg.workspace_limit);
+             cfg.workspace_limit, cfg.gram, cfg.gram_restarts);
   StepResult r;
   for (size_t i = 0; i < kShapes.size(); ++i) {
     r.params.push_back(p[i].download<uint8_t>());
@@ -662,6 +733,83 @@ void check_chunking(std::mt19937_64& rng, bool force_legacy, const Blas& blas,
   }
 }
 
+// NOTE: [Gram on CUDA]: the bf16 Gram step against the float64 standard reference, under the
+// ratio rule of check_step_against_reference: within 2x the error of a CPU emulation of the same
+// bf16 Gram algorithm (every stored matrix rounded to bf16) plus the same atol. Also: chunking
+// leaves its bits alone, and it is another computation (its bits differ from standard's).
+// The emulation's own error is printed next to the standard step's: in bf16, Gram loses to
+// standard on square-ish matrices (R = X Xᵀ squares the condition number), which is why "auto"
+// never picks it there.
+void check_gram(std::mt19937_64& rng, bool force_legacy, const Blas& blas, cudaStream_t stream) {
+  std::printf("gram step (%s)\n", force_legacy ? "legacy cuBLAS" : "cuBLASLt");
+  const mk::ElementType type = mk::ElementType::kFloat32;
+  const StepData d = random_step_data(rng, type, 1.0);
+  for (const int steps : {5, 10}) {
+    const std::vector<double> coeffs = jordan_coefficients(steps);
+    StepConfig cfg;
+    cfg.force_legacy = force_legacy;
+    const StepResult standard = run_gpu_step(d, type, cfg, coeffs, blas, stream);
+    StepConfig gcfg = cfg;
+    gcfg.gram = true;
+    gcfg.gram_restarts = steps == 5 ? std::vector<int64_t>{2} : std::vector<int64_t>{2, 5, 8};
+    const StepResult gram = run_gpu_step(d, type, gcfg, coeffs, blas, stream);
+    StepConfig chunked = gcfg;
+    chunked.workspace_limit = 20000;
+    const StepResult gram_chunked = run_gpu_step(d, type, chunked, coeffs, blas, stream);
+    expect(gram_chunked.params == gram.params, std::to_string(steps) +
+                                                   " iterations: chunked Gram bit-identical");
+    expect(gram.params != standard.params, std::to_string(steps) +
+                                               " iterations: Gram differs from standard in bits");
+    const double lr = static_cast<float>(cfg.lr);
+    for (size_t t = 0; t < kShapes.size(); ++t) {
+      const Shape& s = kShapes[t];
+      if (s.numel() == 0) continue;
+      const int64_t mat = s.rows * s.cols;
+      double err_gram = 0, err_std = 0, err_emul = 0, atol2 = 0, update_norm2 = 0;
+      bool finite = true;
+      for (int64_t b = 0; b < s.batch; ++b) {
+        Matrix u(static_cast<size_t>(mat));
+        for (int64_t i = 0; i < mat; ++i) {
+          const size_t e = static_cast<size_t>(b * mat + i);
+          const double g = load_elem(d.grads[t], type, e);
+          const double m1 = d.moms[t][e] + (1.0 - cfg.momentum) * (g - d.moms[t][e]);
+          u[static_cast<size_t>(i)] = g + cfg.momentum * (m1 - g);
+        }
+        const Matrix x_ref = orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, false);
+        const Matrix x_emul =
+            orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, true, &gcfg.gram_restarts);
+        const double scale = update_scale(s);
+        for (int64_t i = 0; i < mat; ++i) {
+          const size_t e = static_cast<size_t>(b * mat + i);
+          const double p0 = load_elem(d.params[t], type, e);
+          const double p_ref = p0 * (1.0 - lr * cfg.weight_decay) - lr * scale * x_ref[i];
+          const double p_emul = round_to(type, p0 * (1.0 - lr * cfg.weight_decay) -
+                                                   lr * scale * x_emul[i]);
+          err_emul += (p_emul - p_ref) * (p_emul - p_ref);
+          const double got = load_elem(gram.params[t], type, e);
+          const double std_got = load_elem(standard.params[t], type, e);
+          finite = finite && std::isfinite(got);
+          err_gram += (got - p_ref) * (got - p_ref);
+          err_std += (std_got - p_ref) * (std_got - p_ref);
+          atol2 += ulp(type, p_ref) * ulp(type, p_ref);
+          update_norm2 += (lr * scale * x_ref[i]) * (lr * scale * x_ref[i]);
+        }
+      }
+      const double atol = std::sqrt(atol2) + std::ldexp(std::sqrt(update_norm2), -9);
+      char buf[256];
+      std::snprintf(buf, sizeof(buf),
+                    "%d it., tensor %zu: |gram-ref|=%.3e <= 2*|emul-ref|=%.3e + %.3e "
+                    "(standard step: %.3e)",
+                    steps, t, std::sqrt(err_gram), 2 * std::sqrt(err_emul), atol,
+                    std::sqrt(err_std));
+      const bool emul_finite = std::isfinite(err_emul);
+      expect((finite || !emul_finite) &&
+                 (!emul_finite || std::sqrt(err_gram) <= 2 * std::sqrt(err_emul) + atol),
+             buf);
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -697,6 +845,8 @@ int main() {
       check_determinism_and_skip(rng, blas, stream);
       check_chunking(rng, false, blas, stream);
       check_chunking(rng, true, blas, stream);
+      check_gram(rng, false, blas, stream);
+      check_gram(rng, true, blas, stream);
     }
     check_cuda(cudaStreamDestroy(stream), "cudaStreamDestroy");
   } catch (const std::exception& e) {
