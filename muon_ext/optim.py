@@ -600,8 +600,13 @@ def _same_buffers(bufs: list[Tensor], state: Any, params: list[Tensor]) -> bool:
 # contiguous param are contiguous views: no copy. Column blocks (split_dim=1) are strided:
 # each step they go through contiguous copies of the param, grad and momentum block, and the
 # param and momentum copies are written back after the op (one extra read and write of those
-# blocks per step). The elementwise part of the step is the same for every block, so the
-# result equals stepping the blocks as separate params (tested bit for bit).
+# blocks per step). The op refuses two written tensors on one storage (csrc/muon_step_args.cpp,
+# check_no_aliasing), so the row blocks of one param, views of one storage, cannot share a
+# call: a partition with row blocks is stepped as k calls, the k-th taking every param's k-th
+# view block (so the number of calls grows with the most row blocks of one param, not with the
+# params). The elementwise part of the step is the same for every block, and the op's result
+# for a matrix does not depend on the other matrices of its call, so the result equals
+# stepping the blocks as separate params (tested bit for bit).
 def _make_calls(group: dict[str, Any], params: list[Tensor], bufs: list[Tensor]) -> list[_Call]:
     """Partitions a group's params by (device, dtype, fused) into calls, with their views."""
     partitions: dict[tuple, list[int]] = {}
@@ -624,38 +629,49 @@ def _make_calls(group: dict[str, Any], params: list[Tensor], bufs: list[Tensor])
                 blocks_per, [bufs[i] for i in idx],
             ))
             continue
-        # One entry per op tensor: a param's matrix view, or each of its blocks.
-        entries: list[tuple[int, MatrixBlock | None, tuple[int, int, int]]] = []
+        # One entry per op tensor: a param's matrix view, or each of its blocks. The op refuses
+        # two written tensors on one storage, so the k-th block that is a view of its param or
+        # momentum goes to the k-th call of this partition (NOTE: [Matrix blocks]).
+        rounds: list[list[tuple]] = []
         for i in idx:
-            blocks = _param_blocks(params[i], group)
-            if blocks is None:
-                entries.append((i, None, matrix_shape(params[i].shape)))
-            else:
-                entries.extend((i, b, b.matrix_shape(params[i].shape)) for b in blocks)
-        # Same-shape matrices next to each other: the op's buckets are then contiguous runs.
-        entries.sort(key=lambda e: _bucket_key(e[2]))
-        param_views: list[Tensor | None] = []
-        momentum_views: list[Tensor | None] = []
-        for i, block, shape in entries:
             p, b = params[i], bufs[i]
-            if block is None:
-                param_views.append(p.view(shape) if p.is_contiguous() else None)
-                momentum_views.append(b.view(shape))
-            else:
+            blocks = _param_blocks(p, group)
+            if blocks is None:
+                shape = matrix_shape(p.shape)
+                entry = (i, None, shape, p.view(shape) if p.is_contiguous() else None,
+                         b.view(shape))
+                _add_to_round(rounds, 0, entry)
+                continue
+            views = 0
+            for block in blocks:
                 pv, mv = block_view(p, block), block_view(b, block)
-                param_views.append(pv if pv.is_contiguous() else None)
-                momentum_views.append(mv if mv.is_contiguous() else None)
-        calls.append(_Call(
-            [e[0] for e in entries],
-            [_scale(*e[2][1:], group) for e in entries],
-            True,
-            [e[2] for e in entries],
-            param_views,
-            momentum_views,
-            [e[1] for e in entries],
-            [bufs[e[0]] for e in entries],
-        ))
+                entry = (i, block, block.matrix_shape(p.shape),
+                         pv if pv.is_contiguous() else None, mv if mv.is_contiguous() else None)
+                if entry[3] is None and entry[4] is None:
+                    _add_to_round(rounds, 0, entry)  # stepped through copies: no aliasing
+                else:
+                    _add_to_round(rounds, views, entry)
+                    views += 1
+        for entries in rounds:
+            # Same-shape matrices next to each other: the op's buckets are then contiguous runs.
+            entries.sort(key=lambda e: _bucket_key(e[2]))
+            calls.append(_Call(
+                [e[0] for e in entries],
+                [_scale(*e[2][1:], group) for e in entries],
+                True,
+                [e[2] for e in entries],
+                [e[3] for e in entries],
+                [e[4] for e in entries],
+                [e[1] for e in entries],
+                [bufs[e[0]] for e in entries],
+            ))
     return calls
+
+
+def _add_to_round(rounds: list[list[tuple]], k: int, entry: tuple) -> None:
+    while len(rounds) <= k:
+        rounds.append([])
+    rounds[k].append(entry)
 
 
 def _entry_view(t: Tensor, block: MatrixBlock | None, shape: tuple[int, int, int]) -> Tensor:
