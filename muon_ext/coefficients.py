@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 Triple = tuple[float, float, float]
 
@@ -145,19 +146,101 @@ def matrix_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     return 1, int(shape[0]), int(math.prod(shape[1:]))
 
 
-def update_scale(rows: int, cols: int, adjust_lr_fn: str | None) -> float:
-    """The factor on lr for a rows x cols orthogonalized matrix (torch.optim.Muon's rules)."""
+DEFAULT_RMS_TARGET = 0.2
+
+
+def update_scale(
+    rows: int, cols: int, adjust_lr_fn: str | None, rms_target: float = DEFAULT_RMS_TARGET
+) -> float:
+    """The factor on lr for a rows x cols orthogonalized matrix (torch.optim.Muon's rules).
+
+    ``rms_target`` is the constant of ``"match_rms_adamw"`` (``rms_target·sqrt(max(rows, cols))``
+    gives the update that RMS; torch uses 0.2); the other rules ignore it.
+    """
     if rows == 0 or cols == 0:
         return 0.0
     if adjust_lr_fn is None or adjust_lr_fn == "original":
         return math.sqrt(max(1.0, rows / cols))
     if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(rows, cols))
+        return rms_target * math.sqrt(max(rows, cols))
     if adjust_lr_fn == "spectral_unclamped":
         return math.sqrt(rows / cols)
     raise ValueError(
         f"adjust_lr_fn must be one of {ADJUST_LR_FNS}, got {adjust_lr_fn!r}"
     )
+
+
+class MatrixBlock(NamedTuple):
+    """One block of a 2-D parameter that is orthogonalized as matrices of its own.
+
+    The block is ``t.narrow(dim, start, size)``, cut along ``dim`` into ``heads`` equal parts
+    that are stacked as a (heads, rows, cols) batch: for ``dim=0`` each part is
+    (size / heads, cols) rows, for ``dim=1`` (rows, size / heads) columns.
+    """
+
+    dim: int
+    start: int
+    size: int
+    heads: int
+
+    def matrix_shape(self, shape: Sequence[int]) -> tuple[int, int, int]:
+        """(batch, rows, cols) of this block of a parameter of ``shape``."""
+        rows, cols = int(shape[0]), int(shape[1])
+        if self.dim == 0:
+            return self.heads, self.size // self.heads, cols
+        return self.heads, rows, self.size // self.heads
+
+
+def blocking_requested(
+    num_heads: int | None, split_sizes: Sequence[int] | None
+) -> bool:
+    """Whether a group's settings cut its parameters into blocks (else one matrix view each)."""
+    return num_heads is not None or split_sizes is not None
+
+
+def matrix_blocks(
+    shape: Sequence[int],
+    num_heads: int | None = None,
+    split_sizes: Sequence[int] | None = None,
+    split_dim: int = 0,
+) -> list[MatrixBlock]:
+    """The blocks a 2-D parameter of ``shape`` is orthogonalized as (see :class:`MatrixBlock`).
+
+    ``split_sizes`` cuts dim ``split_dim`` (0: rows, 1: columns) into consecutive blocks of
+    these sizes (they must add up to that dim); ``num_heads`` cuts each block (the whole
+    parameter without ``split_sizes``) along the same dim into that many equal heads. Raises
+    ValueError (without naming the parameter: callers add that) when the sizes do not fit.
+    """
+    if len(shape) != 2:
+        raise ValueError(
+            f"num_heads and split_sizes apply to 2-D parameters only, got shape {tuple(shape)} "
+            "(put 3-D expert stacks and conv weights in a group without them)"
+        )
+    if split_dim not in (0, 1):
+        raise ValueError(f"split_dim must be 0 (rows) or 1 (columns), got {split_dim!r}")
+    length = int(shape[split_dim])
+    what = "rows" if split_dim == 0 else "columns"
+    sizes = [length] if split_sizes is None else [int(s) for s in split_sizes]
+    if sum(sizes) != length:
+        raise ValueError(
+            f"split_sizes {tuple(sizes)} add up to {sum(sizes)}, but the parameter of shape "
+            f"{tuple(shape)} has {length} {what} (split_dim={split_dim})"
+        )
+    heads = 1 if num_heads is None else int(num_heads)
+    blocks = []
+    start = 0
+    for i, size in enumerate(sizes):
+        if size % heads:
+            where = f"its {length} {what}" if split_sizes is None else (
+                f"block {i} ({size} {what}, split_sizes={tuple(sizes)})"
+            )
+            raise ValueError(
+                f"num_heads={heads} does not divide {where} of the parameter of shape "
+                f"{tuple(shape)} (heads are cut along split_dim={split_dim})"
+            )
+        blocks.append(MatrixBlock(split_dim, start, size, heads))
+        start += size
+    return blocks
 
 
 def _is_number(v) -> bool:

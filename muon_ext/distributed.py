@@ -41,6 +41,7 @@ from torch import Tensor
 
 from . import ops
 from .coefficients import (
+    DEFAULT_RMS_TARGET,
     flat_coefficients,
     matrix_shape,
     resolve_ns_algorithm,
@@ -220,6 +221,7 @@ class _Runtime:
             owner,
             id(default_pg),
             group["adjust_lr_fn"],
+            group.get("rms_target", DEFAULT_RMS_TARGET),
             group["fused"],
             tuple(
                 (
@@ -277,7 +279,9 @@ def _make_unit(
         batch=batch,
         rows=rows,
         cols=cols,
-        scale=update_scale(rows, cols, group["adjust_lr_fn"]),
+        scale=update_scale(
+            rows, cols, group["adjust_lr_fn"], group.get("rms_target", DEFAULT_RMS_TARGET)
+        ),
         route="ops" if fused else "reference",
         local_batch=batch,
     )

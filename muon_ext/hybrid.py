@@ -25,12 +25,13 @@ from torch import Tensor
 from torch.optim.adamw import adamw as _torch_adamw
 from torch.optim.optimizer import Optimizer, ParamsT, _default_to_fused_or_foreach
 
-from .coefficients import JORDAN
+from .coefficients import DEFAULT_RMS_TARGET, JORDAN
 from .optim import (
     Muon,
     _describe,
     _is_real,
     _muon_defaults,
+    _refuse_distributed_blocks,
     _validate_hyperparameters,
     _validate_params,
 )
@@ -39,7 +40,10 @@ __all__ = ["MuonWithAdamW"]
 
 # Options that only one kind of group understands: a group of the other kind that sets one
 # is a mistake (e.g. ``momentum`` on an AdamW group, which is ``betas[0]`` there).
-_MUON_ONLY_KEYS = ("momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn")
+_MUON_ONLY_KEYS = (
+    "momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn",
+    "num_heads", "split_sizes", "split_dim", "rms_target",
+)
 _ADAMW_ONLY_KEYS = ("betas", "foreach", "amsgrad", "maximize")
 _ADAMW_PREFIX = "adamw_"
 
@@ -91,7 +95,8 @@ class MuonWithAdamW(Muon):
     Args:
         params: param groups (dicts), each with ``use_muon``.
         lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
-            fused, capturable, ns_algorithm, gram_restarts: defaults of the Muon groups, as in :class:`muon_ext.Muon`
+            fused, capturable, ns_algorithm, gram_restarts, num_heads, split_sizes, split_dim,
+            rms_target: defaults of the Muon groups, as in :class:`muon_ext.Muon`
             (``lr=0.02``, ``weight_decay=0.01`` here: Keller Jordan's recipe for
             ``adjust_lr_fn=None``; with ``"match_rms_adamw"`` use your AdamW lr and weight
             decay instead). ``capturable`` also applies to the AdamW groups.
@@ -137,11 +142,16 @@ class MuonWithAdamW(Muon):
         workspace_limit: int | None = None,
         ns_algorithm: str = "standard",
         gram_restarts: Sequence[int] | None = None,
+        num_heads: int | None = None,
+        split_sizes: Sequence[int] | None = None,
+        split_dim: int = 0,
+        rms_target: float = DEFAULT_RMS_TARGET,
     ) -> None:
         muon_defaults = _muon_defaults(
             lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
             fused=fused, capturable=capturable, ns_algorithm=ns_algorithm,
-            gram_restarts=gram_restarts,
+            gram_restarts=gram_restarts, num_heads=num_heads, split_sizes=split_sizes,
+            split_dim=split_dim, rms_target=rms_target,
         )
         _validate_hyperparameters(muon_defaults, where="MuonWithAdamW")
         adamw_defaults = {
@@ -177,6 +187,10 @@ class MuonWithAdamW(Muon):
             workspace_limit=workspace_limit,
             ns_algorithm=ns_algorithm,
             gram_restarts=gram_restarts,
+            num_heads=num_heads,
+            split_sizes=split_sizes,
+            split_dim=split_dim,
+            rms_target=rms_target,
             **distributed,
         )
         # ``defaults`` mirrors the constructor's arguments (``type(opt)(groups, **opt.defaults)``).
@@ -232,6 +246,7 @@ class MuonWithAdamW(Muon):
             if use_muon:
                 _validate_hyperparameters(group, where=where)
                 _validate_muon_group_params(group, index)
+                _refuse_distributed_blocks(self, group, index)
             else:
                 _validate_adamw_hyperparameters(group, where=where)
                 _validate_adamw_params(group, index)

@@ -22,15 +22,19 @@ from . import ops
 from ._extension import extension_available
 from .coefficients import (
     ADJUST_LR_FNS,
+    DEFAULT_RMS_TARGET,
     JORDAN,
     NS_ALGORITHM_CHOICES,
+    MatrixBlock,
+    blocking_requested,
     flat_coefficients,
+    matrix_blocks,
     matrix_shape,
     resolve_ns_algorithm,
     resolve_ns_coefficients,
     update_scale,
 )
-from .reference import orthogonalize, resolve_gram_restarts, validate_gram_restarts
+from .reference import block_view, orthogonalize, resolve_gram_restarts, validate_gram_restarts
 
 __all__ = ["FUSED_DTYPES", "Muon"]
 
@@ -58,17 +62,28 @@ def _fused_device_supported(device: torch.device) -> bool:
 class _Call:
     """One fused call: tensors of a single device and dtype, in bucket order.
 
-    The 3-D views of the params and momentum buffers are made once, when the plan is built, and
-    reused while the params stay the same (NOTE: [Cached plan]); only the grads, new tensors
-    every backward, are viewed per step.
+    Fused calls hold one entry per op tensor: a param's whole matrix view, or one of its
+    *matrix blocks* (``num_heads`` / ``split_sizes``, NOTE: [Matrix blocks]), so a param may
+    have several entries. Calls of the pure-PyTorch step hold one entry per param, with its
+    blocks and their scales. The 3-D views of the params and momentum buffers are made once,
+    when the plan is built, and reused while the params stay the same (NOTE: [Cached plan]);
+    only the grads, new tensors every backward, are viewed per step.
     """
 
     indices: list[int]  # positions in the group's params-with-grad list
-    update_scales: list[float]
+    update_scales: list[Any]  # fused: a float per entry; else a float, or a list per block
     fused: bool
-    shapes: list[tuple[int, int, int]]  # the (batch, rows, cols) matrix view of each param
+    shapes: list[tuple[int, int, int]]  # the (batch, rows, cols) view of each entry
     param_views: list[Tensor | None]  # None: non-contiguous, stepped through a copy
-    momentum_views: list[Tensor]
+    momentum_views: list[Tensor | None]  # fused: None: non-contiguous (a column block)
+    # The block of the param each entry steps (None: the whole param, as matrix_shape views
+    # it); for pure-PyTorch calls a list of the param's blocks, or None.
+    blocks: list[Any] = None  # type: ignore[assignment]
+    buffers: list[Tensor] = None  # type: ignore[assignment]  # each entry's momentum_buffer
+
+    def __post_init__(self) -> None:
+        if self.blocks is None:
+            self.blocks = [None] * len(self.indices)
 
 
 def _bucket_key(shape: torch.Size) -> tuple[int, int]:
@@ -85,6 +100,7 @@ def _describe(param_names: list[str] | None, group_index: int, position: int) ->
 def _muon_defaults(
     lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, *,
     fused, capturable, ns_algorithm="standard", gram_restarts=None,
+    num_heads=None, split_sizes=None, split_dim=0, rms_target=DEFAULT_RMS_TARGET,
 ) -> dict[str, Any]:
     """A Muon group's defaults: torch.optim.Muon's keys (so checkpoints interchange), plus ours."""
     return {
@@ -100,7 +116,72 @@ def _muon_defaults(
         "capturable": capturable,
         "ns_algorithm": ns_algorithm,
         "gram_restarts": tuple(gram_restarts) if isinstance(gram_restarts, list) else gram_restarts,
+        "num_heads": num_heads,
+        "split_sizes": tuple(split_sizes) if isinstance(split_sizes, list) else split_sizes,
+        "split_dim": split_dim,
+        "rms_target": rms_target,
     }
+
+
+# Keys added to Muon groups after the first checkpoints, with the value that means "as before".
+_LATER_GROUP_KEYS: dict[str, Any] = {
+    "fused": None,
+    "capturable": False,
+    "ns_algorithm": "standard",  # checkpoints from before Gram NS
+    "gram_restarts": None,
+    "num_heads": None,  # from before matrix blocks
+    "split_sizes": None,
+    "split_dim": 0,
+    "rms_target": DEFAULT_RMS_TARGET,  # from before rms_target: torch's 0.2
+}
+
+
+# Muon-only: not added to MuonWithAdamW's AdamW (use_muon=False) groups.
+_BLOCK_KEYS = ("num_heads", "split_sizes", "split_dim", "rms_target")
+
+
+def _fill_later_keys(group: dict[str, Any]) -> None:
+    for key, value in _LATER_GROUP_KEYS.items():
+        if key in _BLOCK_KEYS and group.get("use_muon") is False:
+            continue
+        group.setdefault(key, value)
+
+
+def _group_rules(group: dict[str, Any]) -> tuple:
+    """The group settings a cached plan depends on (NOTE: [Cached plan])."""
+    split_sizes = group.get("split_sizes")
+    return (
+        group["adjust_lr_fn"],
+        group["fused"],
+        group["capturable"],
+        group.get("num_heads"),
+        None if split_sizes is None else tuple(split_sizes),
+        group.get("split_dim", 0),
+        group.get("rms_target", DEFAULT_RMS_TARGET),
+    )
+
+
+def _param_blocks(p: Tensor, group: dict[str, Any]) -> list[MatrixBlock] | None:
+    """The matrix blocks of ``p`` under the group's settings; None: one matrix view (no blocks)."""
+    num_heads, split_sizes = group.get("num_heads"), group.get("split_sizes")
+    if not blocking_requested(num_heads, split_sizes):
+        return None
+    return matrix_blocks(p.shape, num_heads, split_sizes, group.get("split_dim", 0))
+
+
+def _block_problem(p: Tensor, group: dict[str, Any]) -> str | None:
+    """Why the group's num_heads / split_sizes do not fit ``p`` (a message), or None."""
+    try:
+        _param_blocks(p, group)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _scale(rows: int, cols: int, group: dict[str, Any]) -> float:
+    return update_scale(
+        rows, cols, group["adjust_lr_fn"], group.get("rms_target", DEFAULT_RMS_TARGET)
+    )
 
 
 class Muon(Optimizer):
@@ -143,6 +224,16 @@ class Muon(Optimizer):
       ``muon_ext.reference.default_gram_restarts``) or ``"auto"`` (Gram where it was measured
       to be faster: see ``muon_ext.coefficients.resolve_ns_algorithm``; on CUDA, standard
       until measured on a GPU).
+    * Matrix blocks (keyword-only group hyperparameters, checkpointed; NOTE: [Matrix blocks]):
+      ``num_heads=H`` orthogonalizes a 2-D param of H·d rows as H independent (d, cols)
+      matrices (attention projections per head); ``split_sizes=(s1, s2, ...)`` cuts dim
+      ``split_dim`` (0: rows, the default; 1: columns) into blocks that are matrices of their
+      own (fused q/k/v projections). With both, each block is cut into H heads along
+      ``split_dim``. Each matrix gets the lr scale of its own shape. 2-D params only; the
+      momentum buffer stays param-shaped. Not supported by the distributed step.
+    * ``rms_target`` (keyword-only group hyperparameter, checkpointed, default 0.2 as in torch):
+      the constant of ``adjust_lr_fn="match_rms_adamw"`` (scale ``rms_target·sqrt(max(rows,
+      cols))``); the other rules ignore it.
     """
 
     _step_supports_amp_scaling = True
@@ -166,6 +257,10 @@ class Muon(Optimizer):
         workspace_limit: int | None = None,
         ns_algorithm: str = "standard",
         gram_restarts: Sequence[int] | None = None,
+        num_heads: int | None = None,
+        split_sizes: Sequence[int] | None = None,
+        split_dim: int = 0,
+        rms_target: float = DEFAULT_RMS_TARGET,
     ) -> None:
         self.workspace_limit = _validate_workspace_limit(workspace_limit)
         # How the step runs, not hyperparameters: kept off param_groups, so checkpoints move
@@ -175,7 +270,8 @@ class Muon(Optimizer):
         defaults = _muon_defaults(
             lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
             fused=fused, capturable=capturable, ns_algorithm=ns_algorithm,
-            gram_restarts=gram_restarts,
+            gram_restarts=gram_restarts, num_heads=num_heads, split_sizes=split_sizes,
+            split_dim=split_dim, rms_target=rms_target,
         )
         _validate_hyperparameters(defaults, where="Muon")
         self._plans: dict[int, tuple[tuple, list[Tensor], list[_Call]]] = {}
@@ -192,6 +288,7 @@ class Muon(Optimizer):
         try:
             _validate_hyperparameters(group, where=f"param_groups[{index}]")
             _validate_params(group, index)
+            _refuse_distributed_blocks(self, group, index)
         except Exception:
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
@@ -204,10 +301,7 @@ class Muon(Optimizer):
         self.__dict__.setdefault("process_group", None)
         self.__dict__.setdefault("workspace_limit", None)
         for group in self.param_groups:
-            group.setdefault("fused", None)
-            group.setdefault("capturable", False)
-            group.setdefault("ns_algorithm", "standard")  # checkpoints from before Gram NS
-            group.setdefault("gram_restarts", None)
+            _fill_later_keys(group)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Loads ours or torch.optim.Muon's; momentum stays float32 for low-precision params.
@@ -235,10 +329,7 @@ class Muon(Optimizer):
                     device=p.device, dtype=momentum_dtype(p), memory_format=torch.contiguous_format
                 ).clone()
         for group in self.param_groups:
-            group.setdefault("fused", None)
-            group.setdefault("capturable", False)
-            group.setdefault("ns_algorithm", "standard")  # checkpoints from before Gram NS
-            group.setdefault("gram_restarts", None)
+            _fill_later_keys(group)
         self._plans = {}
 
     # ------------------------------------------------------------------ the step
@@ -284,6 +375,7 @@ class Muon(Optimizer):
         """
         _validate_hyperparameters(group, where=f"param_groups[{index}]", check_tensor_value=False)
         self._pending.pop(index, None)
+        _refuse_distributed_blocks(self, group, index)
         if torch.compiler.is_compiling() or _distributed.wanted(self, group):
             self._check_params_for_step(group, index)
             return
@@ -302,7 +394,7 @@ class Muon(Optimizer):
         fresh = (
             cached is not None
             and cached[0][0] == tuple(map(id, params))
-            and cached[0][2:] == (group["adjust_lr_fn"], group["fused"], group["capturable"])
+            and cached[0][2:] == _group_rules(group)
             and _same_buffers(cached[1], self.state, params)
         )
         if not fresh:
@@ -333,6 +425,8 @@ class Muon(Optimizer):
                 buf = self.state.get(p, {}).get("momentum_buffer")
                 if buf is not None and (buf.shape != p.shape or buf.device != p.device):
                     raise RuntimeError(_momentum_mismatch(buf, p, what))
+            if problem := _block_problem(p, group):
+                raise ValueError(f"{what}: {problem}")
             if group["fused"] and not _fused_supported(p):
                 raise RuntimeError(
                     f"fused=True but the fused step does not support {what} "
@@ -436,17 +530,17 @@ class Muon(Optimizer):
     # that depends only on which params have grads (their state, matrix views, scales, which
     # fused call takes them, the one-time state checks) is made once and reused while the key
     # below stays the same: the params' identities and storage (a `p.data = ...` swap changes
-    # it), the group's rules, and the momentum buffers' identities. Per step, Python only
-    # collects the grads and views them; the op checks the grads in C++ before any write.
+    # it), the group's rules (adjust_lr_fn, fused, capturable and the matrix-block settings
+    # num_heads, split_sizes, split_dim, rms_target: see _group_rules), and the momentum
+    # buffers' identities. Per step, Python only collects the grads and views them (one view
+    # per matrix block); the op checks the grads in C++ before any write.
     def _plan(self, index: int, group: dict[str, Any], params: list[Tensor]) -> list[_Call]:
         """Which fused calls a group's step makes; cached while its params and rules stay put."""
         state = self.state
         key = (
             tuple(map(id, params)),
             tuple(p.data_ptr() for p in params),
-            group["adjust_lr_fn"],
-            group["fused"],
-            group["capturable"],
+            *_group_rules(group),
         )
         cached = self._plans.get(index)
         if cached is not None and cached[0] == key and _same_buffers(cached[1], state, params):
@@ -475,11 +569,15 @@ class Muon(Optimizer):
             parts: dict[tuple, list[Tensor]] = {}
             for p in params:
                 if _takes_fused_step(p, group):
-                    # A stride-0 expansion of one element: the op reads only shapes.
-                    probe = torch.empty((), dtype=p.dtype, device=p.device).expand(
-                        matrix_shape(p.shape)
+                    blocks = _param_blocks(p, group)
+                    shapes = (
+                        [matrix_shape(p.shape)] if blocks is None
+                        else [b.matrix_shape(p.shape) for b in blocks]
                     )
-                    parts.setdefault((p.device, p.dtype), []).append(probe)
+                    for shape in shapes:
+                        # A stride-0 expansion of one element: the op reads only shapes.
+                        probe = torch.empty((), dtype=p.dtype, device=p.device).expand(shape)
+                        parts.setdefault((p.device, p.dtype), []).append(probe)
             limit = -1 if self.workspace_limit is None else self.workspace_limit
             for probes in parts.values():
                 most = max(
@@ -493,6 +591,23 @@ def _same_buffers(bufs: list[Tensor], state: Any, params: list[Tensor]) -> bool:
     return all(state[p].get("momentum_buffer") is b for p, b in zip(params, bufs))
 
 
+# NOTE: [Matrix blocks]
+# With num_heads / split_sizes a 2-D param is stepped as several matrices: each block (rows or
+# columns of split_sizes along split_dim) cut into num_heads heads along the same dim, viewed
+# as (heads, rows, cols) by reference.block_view. The op takes each block as a tensor of its
+# own, with the update scale of one head's shape, so a blocked param has several entries in
+# a fused call, and its blocks are bucketed with same-shape matrices of other params. Momentum
+# stays one param-shaped buffer in state (checkpoints as without blocks). Row blocks of a
+# contiguous param are contiguous views: no copy. Column blocks (split_dim=1) are strided:
+# each step they go through contiguous copies of the param, grad and momentum block, and the
+# param and momentum copies are written back after the op (one extra read and write of those
+# blocks per step). The op refuses two written tensors on one storage (csrc/muon_step_args.cpp,
+# check_no_aliasing), so the row blocks of one param, views of one storage, cannot share a
+# call: a partition with row blocks is stepped as k calls, the k-th taking every param's k-th
+# view block (so the number of calls grows with the most row blocks of one param, not with the
+# params). The elementwise part of the step is the same for every block, and the op's result
+# for a matrix does not depend on the other matrices of its call, so the result equals
+# stepping the blocks as separate params (tested bit for bit).
 def _make_calls(group: dict[str, Any], params: list[Tensor], bufs: list[Tensor]) -> list[_Call]:
     """Partitions a group's params by (device, dtype, fused) into calls, with their views."""
     partitions: dict[tuple, list[int]] = {}
@@ -501,18 +616,70 @@ def _make_calls(group: dict[str, Any], params: list[Tensor], bufs: list[Tensor])
         partitions.setdefault((p.device, p.dtype, fused), []).append(i)
     calls = []
     for (_, _, fused), idx in partitions.items():
-        # Same-shape matrices next to each other: the op's buckets are then contiguous runs.
-        idx.sort(key=lambda i: _bucket_key(params[i].shape))
-        shapes = [matrix_shape(params[i].shape) for i in idx]
-        scales = [update_scale(rows, cols, group["adjust_lr_fn"]) for _, rows, cols in shapes]
-        param_views: list[Tensor | None] = []
-        momentum_views: list[Tensor] = []
-        for i, shape in zip(idx, shapes):
+        if not fused:
+            # One entry per param: _single_tensor_muon steps it (block by block).
+            blocks_per = [_param_blocks(params[i], group) for i in idx]
+            shapes = [matrix_shape(params[i].shape) for i in idx]
+            scales: list[Any] = [
+                _scale(*shape[1:], group) if blocks is None
+                else [_scale(*b.matrix_shape(params[i].shape)[1:], group) for b in blocks]
+                for i, shape, blocks in zip(idx, shapes, blocks_per)
+            ]
+            calls.append(_Call(
+                idx, scales, False, shapes, [None] * len(idx), [bufs[i] for i in idx],
+                blocks_per, [bufs[i] for i in idx],
+            ))
+            continue
+        # One entry per op tensor: a param's matrix view, or each of its blocks. The op refuses
+        # two written tensors on one storage, so the k-th block that is a view of its param or
+        # momentum goes to the k-th call of this partition (NOTE: [Matrix blocks]).
+        rounds: list[list[tuple]] = []
+        for i in idx:
             p, b = params[i], bufs[i]
-            param_views.append(p.view(shape) if p.is_contiguous() else None)
-            momentum_views.append(b.view(shape) if fused else b)
-        calls.append(_Call(idx, scales, fused, shapes, param_views, momentum_views))
+            blocks = _param_blocks(p, group)
+            if blocks is None:
+                shape = matrix_shape(p.shape)
+                entry = (i, None, shape, p.view(shape) if p.is_contiguous() else None,
+                         b.view(shape))
+                _add_to_round(rounds, 0, entry)
+                continue
+            views = 0
+            for block in blocks:
+                pv, mv = block_view(p, block), block_view(b, block)
+                entry = (i, block, block.matrix_shape(p.shape),
+                         pv if pv.is_contiguous() else None, mv if mv.is_contiguous() else None)
+                if entry[3] is None and entry[4] is None:
+                    _add_to_round(rounds, 0, entry)  # stepped through copies: no aliasing
+                else:
+                    _add_to_round(rounds, views, entry)
+                    views += 1
+        for entries in rounds:
+            # Same-shape matrices next to each other: the op's buckets are then contiguous runs.
+            entries.sort(key=lambda e: _bucket_key(e[2]))
+            calls.append(_Call(
+                [e[0] for e in entries],
+                [_scale(*e[2][1:], group) for e in entries],
+                True,
+                [e[2] for e in entries],
+                [e[3] for e in entries],
+                [e[4] for e in entries],
+                [e[1] for e in entries],
+                [bufs[e[0]] for e in entries],
+            ))
     return calls
+
+
+def _add_to_round(rounds: list[list[tuple]], k: int, entry: tuple) -> None:
+    while len(rounds) <= k:
+        rounds.append([])
+    rounds[k].append(entry)
+
+
+def _entry_view(t: Tensor, block: MatrixBlock | None, shape: tuple[int, int, int]) -> Tensor:
+    """The 3-D view of one call entry of a param-shaped tensor (strided where it must be)."""
+    if block is None:
+        return t.view(shape) if t.is_contiguous() else t.contiguous().view(shape)
+    return block_view(t, block)
 
 
 def _momentum_mismatch(buf: Tensor, p: Tensor, what: str) -> str:
@@ -629,20 +796,29 @@ def _run_call(
     gs = [grads[i] for i in call.indices]
     if not call.fused:
         _single_tensor_muon(
-            ps, gs, call.momentum_views, group, schedule, call.update_scales, grad_scale, found_inf
+            ps, gs, call.momentum_views, group, schedule, call.update_scales, grad_scale,
+            found_inf, call.blocks,
         )
         return
     device = ps[0].device
-    # Non-contiguous params (e.g. channels_last convs) are updated through a contiguous copy.
+    # Non-contiguous params (e.g. channels_last convs) and column blocks are updated through
+    # contiguous copies, written back after the op (NOTE: [Matrix blocks]).
     work = [
-        v if v is not None else p.contiguous().view(shape)
-        for v, p, shape in zip(call.param_views, ps, call.shapes)
+        v if v is not None else _entry_view(p, block, shape).contiguous()
+        for v, p, block, shape in zip(call.param_views, ps, call.blocks, call.shapes)
     ]
+    momentum = [
+        v if v is not None else block_view(buf, block).contiguous()
+        for v, buf, block in zip(call.momentum_views, call.buffers, call.blocks)
+    ]
+    grad_views = []
+    for g, block, shape in zip(gs, call.blocks, call.shapes):
+        v = _entry_view(g, block, shape)
+        grad_views.append(v if v.is_contiguous() else v.contiguous())
     ops.muon_step_(
         work,
-        [g.view(shape) if g.is_contiguous() else g.contiguous().view(shape)
-         for g, shape in zip(gs, call.shapes)],
-        call.momentum_views,
+        grad_views,
+        momentum,
         _lr_tensor(group["lr"], device),
         group["momentum"],
         group["nesterov"],
@@ -656,9 +832,15 @@ def _run_call(
         group["ns_algorithm"],
         resolve_gram_restarts(group["gram_restarts"], len(schedule)),
     )
-    for v, p, w in zip(call.param_views, ps, work):
+    for v, p, w, block in zip(call.param_views, ps, work, call.blocks):
         if v is None:
-            p.copy_(w.view(p.shape))
+            if block is None:
+                p.copy_(w.view(p.shape))
+            else:
+                block_view(p, block).copy_(w)
+    for v, buf, m, block in zip(call.momentum_views, call.buffers, momentum, call.blocks):
+        if v is None:
+            block_view(buf, block).copy_(m)
 
 
 def _single_tensor_muon(
@@ -667,11 +849,16 @@ def _single_tensor_muon(
     bufs: list[Tensor],
     group: dict[str, Any],
     schedule: list[tuple[float, float, float]],
-    update_scales: list[float],
+    update_scales: list[Any],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    blocks: list[list[MatrixBlock] | None] | None = None,
 ) -> None:
     """Pure-PyTorch per-parameter loop (float64 params, devices without the extension).
+
+    ``blocks[i]``: the matrix blocks of ``params[i]`` (NOTE: [Matrix blocks]), each
+    orthogonalized on its own with its scale from the list ``update_scales[i]``; None: one
+    matrix view with the float ``update_scales[i]``.
 
     Newton-Schulz in bf16 on accelerators (as torch.optim.Muon) and fp32 on CPU. It reads
     ``found_inf`` and a Tensor lr on the host (a sync on accelerators, a graph break under
@@ -683,7 +870,9 @@ def _single_tensor_muon(
     lr = group["lr"]
     lr = lr.item() if isinstance(lr, Tensor) else float(lr)
     beta, wd = group["momentum"], group["weight_decay"]
-    for p, g, buf, scale in zip(params, grads, bufs, update_scales):
+    if blocks is None:
+        blocks = [None] * len(params)
+    for p, g, buf, scale, param_blocks in zip(params, grads, bufs, update_scales, blocks):
         if p.numel() == 0:
             continue
         g = g.to(buf.dtype)
@@ -692,6 +881,20 @@ def _single_tensor_muon(
         buf.lerp_(g, 1 - beta)
         update = g.lerp(buf, beta) if group["nesterov"] else buf
         ns_dtype = torch.float32 if p.device.type == "cpu" else torch.bfloat16
+        if param_blocks is not None:
+            p.mul_(1 - lr * wd)
+            for block, block_scale in zip(param_blocks, scale):
+                # Contiguous, as a separate param's update would be: the same reductions.
+                u = block_view(update, block).contiguous()
+                x = orthogonalize(
+                    u, schedule, group["eps"], ns_dtype,
+                    algorithm=resolve_ns_algorithm(
+                        group["ns_algorithm"], u.size(1), u.size(2), p.device.type
+                    ),
+                    gram_restarts=group["gram_restarts"],
+                )
+                block_view(p, block).add_(x.to(p.dtype), alpha=-lr * block_scale)
+            continue
         _, rows, cols = matrix_shape(p.shape)
         x = orthogonalize(
             update.reshape(matrix_shape(p.shape)), schedule, group["eps"], ns_dtype,
@@ -751,6 +954,41 @@ def _validate_hyperparameters(
             validate_gram_restarts(group["gram_restarts"])
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
+    num_heads = group.get("num_heads")
+    if num_heads is not None and (not _is_int(num_heads) or num_heads < 1):
+        raise ValueError(f"{where}: num_heads must be None or an int >= 1, got {num_heads!r}")
+    split_sizes = group.get("split_sizes")
+    if split_sizes is not None and (
+        isinstance(split_sizes, (str, bytes))
+        or not isinstance(split_sizes, Sequence)
+        or len(split_sizes) == 0
+        or not all(_is_int(s) and s >= 1 for s in split_sizes)
+    ):
+        raise ValueError(
+            f"{where}: split_sizes must be None or a non-empty sequence of ints >= 1, "
+            f"got {split_sizes!r}"
+        )
+    split_dim = group.get("split_dim", 0)
+    if not _is_int(split_dim) or split_dim not in (0, 1):
+        raise ValueError(f"{where}: split_dim must be 0 (rows) or 1 (columns), got {split_dim!r}")
+    rms_target = group.get("rms_target", DEFAULT_RMS_TARGET)
+    if not _is_real(rms_target) or not (math.isfinite(rms_target) and rms_target > 0.0):
+        raise ValueError(f"{where}: rms_target must be a finite number > 0, got {rms_target!r}")
+
+
+def _refuse_distributed_blocks(optimizer: Any, group: dict[str, Any], index: int) -> None:
+    """The distributed step (FSDP2 DTensor params, distributed_mode="owner") has no matrix
+    blocks yet: a group that sets them is refused there rather than stepped as whole matrices."""
+    if not blocking_requested(group.get("num_heads"), group.get("split_sizes")):
+        return
+    if not _distributed.wanted(optimizer, group):
+        return
+    setting = "num_heads" if group.get("num_heads") is not None else "split_sizes"
+    raise NotImplementedError(
+        f"param_groups[{index}] sets {setting}={group[setting]!r}, which the distributed step "
+        "(FSDP2 DTensor params or distributed_mode='owner') does not support yet; leave "
+        "num_heads and split_sizes unset for such groups"
+    )
 
 
 def _validate_params(group: dict[str, Any], index: int) -> None:
@@ -767,6 +1005,8 @@ def _validate_params(group: dict[str, Any], index: int) -> None:
             raise ValueError(f"Muon does not support complex parameters: {what}")
         if not p.is_floating_point():
             raise ValueError(f"Muon needs floating-point parameters: {what} is {p.dtype}")
+        if problem := _block_problem(p, group):
+            raise ValueError(f"{what}: {problem}")
         if group["fused"] and not _fused_supported(p):
             raise ValueError(
                 f"fused=True but the fused step does not support {what} ({p.dtype} on "
@@ -789,4 +1029,8 @@ def _validate_workspace_limit(limit: Any) -> int | None:
 
 def _is_real(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .coefficients import Triple, matrix_shape
+from .coefficients import MatrixBlock, Triple, blocking_requested, matrix_blocks, matrix_shape
 
 __all__ = [
     "NS_ALGORITHMS",
+    "block_view",
+    "blocks_of",
     "gram_flops",
     "gram_newton_schulz",
     "matrix_view",
@@ -35,6 +37,34 @@ NS_ALGORITHMS = ("standard", "gram")
 def matrix_view(t: Tensor) -> Tensor:
     """The (batch, rows, cols) view of a parameter-shaped tensor (see coefficients.matrix_shape)."""
     return t.reshape(matrix_shape(t.shape))
+
+
+def block_view(t: Tensor, block: MatrixBlock) -> Tensor:
+    """The (heads, rows, cols) view of one :class:`~muon_ext.coefficients.MatrixBlock` of a
+    2-D tensor. Always a view (never a copy); contiguous when ``t`` is and ``block.dim == 0``,
+    strided for column blocks."""
+    part = t.narrow(block.dim, block.start, block.size).unflatten(
+        block.dim, (block.heads, block.size // block.heads)
+    )
+    return part if block.dim == 0 else part.permute(1, 0, 2)
+
+
+def blocks_of(
+    t: Tensor,
+    num_heads: int | None = None,
+    split_sizes: Sequence[int] | None = None,
+    split_dim: int = 0,
+) -> list[Tensor]:
+    """The 3-D (batch, rows, cols) views of the matrices Muon orthogonalizes ``t`` as.
+
+    Without ``num_heads`` and ``split_sizes``: ``[matrix_view(t)]``. Otherwise (2-D ``t``
+    only) one view per block of ``split_sizes`` along ``split_dim`` (0: rows, 1: columns),
+    each a stack of ``num_heads`` equal heads cut along the same dim (see
+    ``muon_ext.coefficients.matrix_blocks``). Each view's matrices get their own lr scale.
+    """
+    if not blocking_requested(num_heads, split_sizes):
+        return [matrix_view(t)]
+    return [block_view(t, b) for b in matrix_blocks(t.shape, num_heads, split_sizes, split_dim)]
 
 
 # NOTE: [Default Gram restarts]
@@ -224,6 +254,9 @@ def muon_step_reference(
     found_inf: Tensor | None = None,
     ns_algorithm: str = "standard",
     gram_restarts: Sequence[int] | None = None,
+    num_heads: int | None = None,
+    split_sizes: Sequence[int] | None = None,
+    split_dim: int = 0,
 ) -> None:
     """One Muon step, in place on ``params`` and ``momentum_buffers`` (never on ``grads``).
 
@@ -231,6 +264,11 @@ def muon_step_reference(
     (each viewed with :func:`matrix_view`). Elementwise math in ``compute_dtype``,
     Newton-Schulz in ``ns_dtype`` (default: ``compute_dtype``) with ``ns_algorithm``
     ("standard" or "gram", see :func:`orthogonalize`); each output is rounded once.
+
+    ``num_heads`` / ``split_sizes`` / ``split_dim``: each param is orthogonalized as the
+    blocks :func:`blocks_of` gives (the same settings for every param). An entry of
+    ``update_scales`` is then either one float for all of its param's blocks or a sequence
+    with one float per block.
     """
     if found_inf is not None and float(found_inf) != 0.0:
         return
@@ -244,10 +282,25 @@ def muon_step_reference(
             gd = gd / grad_scale.to(compute_dtype)
         md = m.to(compute_dtype).lerp(gd, 1 - momentum)
         u = gd.lerp(md, momentum) if nesterov else md
-        x = orthogonalize(
-            matrix_view(u), ns_coefficients, eps, ns_dtype,
-            algorithm=ns_algorithm, gram_restarts=gram_restarts,
-        ).to(compute_dtype)
-        pd = p.to(compute_dtype) * (1 - lr * weight_decay) - (lr * scale) * x.reshape(p.shape)
+        if not blocking_requested(num_heads, split_sizes):
+            x = orthogonalize(
+                matrix_view(u), ns_coefficients, eps, ns_dtype,
+                algorithm=ns_algorithm, gram_restarts=gram_restarts,
+            ).to(compute_dtype)
+            pd = p.to(compute_dtype) * (1 - lr * weight_decay) - (lr * scale) * x.reshape(p.shape)
+        else:
+            views = blocks_of(u, num_heads, split_sizes, split_dim)
+            scales = [scale] * len(views) if isinstance(scale, (int, float)) else list(scale)
+            if len(scales) != len(views):
+                raise ValueError(
+                    f"update_scales: {len(scales)} scales for a param of {len(views)} blocks"
+                )
+            pd = p.to(compute_dtype) * (1 - lr * weight_decay)
+            for view, out, s in zip(views, blocks_of(pd, num_heads, split_sizes, split_dim), scales):
+                x = orthogonalize(
+                    view.contiguous(), ns_coefficients, eps, ns_dtype,
+                    algorithm=ns_algorithm, gram_restarts=gram_restarts,
+                ).to(compute_dtype)
+                out.sub_((lr * s) * x)
         p.copy_(pd)
         m.copy_(md)

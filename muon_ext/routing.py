@@ -20,8 +20,9 @@ names (tied weights) is counted once, under its first name. The order is
 
 from __future__ import annotations
 
+import fnmatch
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -203,9 +204,11 @@ def muon_param_groups(
     adamw_lr: float | None = None,
     muon_weight_decay: float | None = None,
     adamw_weight_decay: float | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
     report: bool | Callable[[str], Any] = False,
 ) -> list[dict[str, Any]]:
-    """Two param groups for :class:`muon_ext.MuonWithAdamW`: ``[muon_group, adamw_group]``.
+    """Param groups for :class:`muon_ext.MuonWithAdamW`: ``[muon_group, adamw_group]``, then
+    one Muon group per entry of ``overrides``.
 
     Each group has ``params``, ``param_names`` and ``use_muon``, plus ``lr`` /
     ``weight_decay`` when given here (otherwise the optimizer's defaults apply). The groups
@@ -217,9 +220,19 @@ def muon_param_groups(
         adamw_patterns: regular expressions (``re.search`` on every name of a parameter) that
             send a parameter to AdamW. Extend the defaults with
             ``(*DEFAULT_ADAMW_PATTERNS, r"my_head")``.
+        overrides: ``{pattern: {key: value, ...}}``: Muon group settings for the Muon
+            parameters any of whose names matches the glob ``pattern`` (``fnmatch``, case
+            sensitive, on the whole dotted name: ``"*.attn.c_attn.weight"``), e.g.
+            ``{"*.q_proj.weight": {"num_heads": 32}}``. Each pattern gets a group of its own
+            (``use_muon=True``, after the two default groups, in the order of ``overrides``)
+            holding those parameters, which leave ``groups[0]``; a parameter matched by several
+            patterns goes to the first. The settings are checked by the optimizer; a pattern
+            that matches no Muon parameter is an error (a typo would otherwise be silent).
+            ``muon_lr`` / ``muon_weight_decay`` apply to these groups too unless overridden.
         report: ``True`` prints where each parameter went (layers collapsed); a callable
             (``logging.info``, Lightning's ``self.print``) receives the text instead.
     """
+    overrides = _check_overrides(overrides)
     routes = route_parameters(model, adamw_patterns=adamw_patterns)
     if not any(r.destination != "excluded" for r in routes):
         raise ValueError(
@@ -241,12 +254,74 @@ def muon_param_groups(
         if wd is not None:
             group["weight_decay"] = wd
         groups.append(group)
+    if overrides:
+        groups.extend(_override_groups(groups[0], routes, overrides))
     if report:
         text = format_routing_report(routes)
         if callable(report):
             report(text)
         else:
             print(text)
+    return groups
+
+
+def _check_overrides(
+    overrides: Mapping[str, Mapping[str, Any]] | None,
+) -> dict[str, dict[str, Any]]:
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise TypeError(
+            "overrides must be a mapping {name pattern: {setting: value}}, "
+            f"got {type(overrides).__name__}"
+        )
+    out = {}
+    for pattern, settings in overrides.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"overrides: patterns must be strings, got {pattern!r}")
+        if not isinstance(settings, Mapping):
+            raise TypeError(
+                f"overrides[{pattern!r}] must be a mapping of group settings, got {settings!r}"
+            )
+        reserved = [k for k in ("params", "param_names", "use_muon") if k in settings]
+        if reserved:
+            raise ValueError(
+                f"overrides[{pattern!r}] sets {reserved}, which muon_param_groups decides"
+            )
+        out[pattern] = dict(settings)
+    return out
+
+
+def _override_groups(
+    muon_group: dict[str, Any], routes: Sequence[ParamRoute], overrides: dict[str, dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Moves the Muon params matched by each pattern out of ``muon_group`` into a group of
+    their own (in place on ``muon_group``)."""
+    all_names = {id(r.param): (r.name, *r.aliases) for r in routes}
+    taken: dict[str, list[int]] = {pattern: [] for pattern in overrides}
+    for pos, p in enumerate(muon_group["params"]):
+        for pattern in overrides:
+            if any(fnmatch.fnmatchcase(n, pattern) for n in all_names[id(p)]):
+                taken[pattern].append(pos)
+                break
+    groups = []
+    for pattern, settings in overrides.items():
+        if not taken[pattern]:
+            raise ValueError(
+                f"overrides: pattern {pattern!r} matches no parameter routed to Muon "
+                "(patterns are fnmatch globs on the dotted names, e.g. '*.attn.c_attn.weight')"
+            )
+        group = {
+            "params": [muon_group["params"][i] for i in taken[pattern]],
+            "param_names": [muon_group["param_names"][i] for i in taken[pattern]],
+            "use_muon": True,
+        }
+        group.update({k: muon_group[k] for k in ("lr", "weight_decay") if k in muon_group})
+        group.update(settings)
+        groups.append(group)
+    moved = {i for positions in taken.values() for i in positions}
+    for key in ("params", "param_names"):
+        muon_group[key] = [v for i, v in enumerate(muon_group[key]) if i not in moved]
     return groups
 
 
