@@ -173,10 +173,17 @@ def _is_bias_name(local: str) -> bool:
 def _memory_key(p: Tensor) -> tuple | None:
     if p.device.type == "meta" or p.numel() == 0:
         return None
+    # A DTensor (FSDP2) is a storage-less wrapper whose own data_ptr() is 0 for every param: its
+    # identity is its local shard's memory. Other wrappers without storage are not identified.
+    local = getattr(p, "_local_tensor", None)
+    t = local if isinstance(local, Tensor) else p
     try:
-        return (p.device, p.data_ptr(), tuple(p.shape), tuple(p.stride()), p.dtype)
+        ptr = t.data_ptr()
     except RuntimeError:  # tensor subclasses without storage
         return None
+    if ptr == 0:
+        return None
+    return (t.device, ptr, tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
 def _compile_patterns(adamw_patterns: Sequence[str]) -> list[tuple[str, re.Pattern[str]]]:

@@ -381,3 +381,33 @@ def test_default_adamw_patterns_importable_from_the_package():
     import muon_ext
 
     assert muon_ext.DEFAULT_ADAMW_PATTERNS is DEFAULT_ADAMW_PATTERNS
+
+
+def test_fsdp2_params_of_the_embedding_shape_are_not_taken_for_tied():
+    """Under FSDP2 every param is a DTensor whose own data_ptr() is 0: identity must come from
+    the local shard, else every matrix shaped like the embedding looks tied to it (AdamW)."""
+    import torch.distributed as dist
+
+    pytest.importorskip("torch.distributed.fsdp")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = nn.Sequential()
+        model.add_module("embed", nn.Embedding(16, 8))
+        model.add_module("proj", nn.Linear(8, 16, bias=False))  # weight (16, 8): embedding-shaped
+        model.add_module("mix", nn.Linear(8, 8, bias=False))
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        routed = {
+            name: ("muon" if group.get("use_muon") else "adamw")
+            for group in muon_param_groups(model)
+            for name in group.get("param_names", [])
+        }
+        assert routed["proj.weight"] == "muon", routed
+        assert routed["mix.weight"] == "muon", routed
+        assert routed["embed.weight"] == "adamw", routed
+    finally:
+        dist.destroy_process_group()
