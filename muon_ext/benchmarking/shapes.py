@@ -206,6 +206,11 @@ _SUITE_LIST = [
         (ParamSpec("experts.w_in", (64, 4096, 1024)), ParamSpec("experts.w_out", (64, 1024, 4096))),
     ),
     Suite(
+        "kimi_k2_experts",
+        "one Kimi-K2 MoE expert bucket: 216 x 2048x7168 (aspect 3.5, where Gram NS gains most)",
+        (ParamSpec("experts.w", (216, 2048, 7168)),),
+    ),
+    Suite(
         "resnet50_convs",
         "ResNet-50's 53 conv weights (4-D, orthogonalized as out x in*kh*kw)",
         _resnet50_convs(),
@@ -221,6 +226,12 @@ _SUITE_LIST = [
         "gpt2_small_1layer",
         "one GPT-2 small layer: 4 x 768², 3072x768, 768x3072",
         _gpt2(1, 768, fused_qkv=False),
+        cpu_friendly=True,
+    ),
+    Suite(
+        "rect_16x512x2048",
+        "16 x 512x2048: rectangular (aspect 4), the Gram Newton-Schulz target on CPU",
+        (ParamSpec("mlp.w", (512, 2048), 16),),
         cpu_friendly=True,
     ),
     Suite(
