@@ -39,8 +39,8 @@ def test_build_info_and_registration():
 
 @pytest.mark.parametrize(
     ("built", "running", "warns"),
-    [("2.14.1", "2.14.1", False), ("2.14.1", "2.14.1+cu130", False), ("2.13.0", "2.13.0+cpu", False),
-     ("2.14.1", "2.15.0+cu130", True), ("2.14.1", "2.13.0+cpu", True), ("2.14.1", "2.14.0", True),
+    [("2.14.1", "2.14.1", False), ("2.14.1", "2.14.1+cu130", False),
+     ("2.13.0", "2.13.0+cpu", False), ("2.14.1", "2.15.0+cu130", True), ("2.14.1", "2.13.0+cpu", True), ("2.14.1", "2.14.0", True),
      (None, "2.14.1", False)],
 )
 def test_info_warns_when_running_torch_differs_from_build_torch(built, running, warns):
