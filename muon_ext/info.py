@@ -33,6 +33,21 @@ def collect() -> dict:
     return info
 
 
+def torch_mismatch_warning(built: str | None, running: str) -> str | None:
+    """The warning to print when the extension was built against torch ``built`` (``"2.14.1"``)
+    but torch ``running`` (``torch.__version__``, maybe ``"2.15.0+cu130"``) is imported, else None.
+    The local suffix (``+cpu``, ``+cu130``) is ignored: the C++ ABI is that of the release."""
+    if not built:
+        return None
+    if built.split("+")[0] == running.split("+")[0]:
+        return None
+    return (
+        f"warning: muon_ext was built against torch {built} but torch {running} is running: "
+        "the compiled core may fail to load or misbehave; rebuild it against this torch with "
+        "`pip install --no-build-isolation .`"
+    )
+
+
 def main() -> None:
     info = collect()
     width = max(map(len, info))
@@ -46,12 +61,9 @@ def main() -> None:
     build = info["build"]
     if not build.get("available"):
         sys.exit(1)
-    if build.get("torch_version") and build["torch_version"] != torch.__version__.split("+")[0]:
-        print(
-            f"warning: built against torch {build['torch_version']} but torch {torch.__version__} "
-            "is installed: rebuild with `pip install --no-build-isolation .`",
-            file=sys.stderr,
-        )
+    warning = torch_mismatch_warning(build.get("torch_version"), torch.__version__)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,35 @@ def test_build_info_and_registration():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("muon_ext::newton_schulz", "CPU")
 
 
+@pytest.mark.parametrize(
+    ("built", "running", "warns"),
+    [("2.14.1", "2.14.1", False), ("2.14.1", "2.14.1+cu130", False),
+     ("2.13.0", "2.13.0+cpu", False), ("2.14.1", "2.15.0+cu130", True), ("2.14.1", "2.13.0+cpu", True), ("2.14.1", "2.14.0", True),
+     (None, "2.14.1", False)],
+)
+def test_info_warns_when_running_torch_differs_from_build_torch(built, running, warns):
+    from muon_ext.info import torch_mismatch_warning
+
+    warning = torch_mismatch_warning(built, running)
+    if not warns:
+        assert warning is None
+        return
+    assert warning is not None and warning.startswith("warning:")
+    assert f"built against torch {built}" in warning and f"torch {running} is running" in warning
+
+
+def test_info_main_prints_the_mismatch_warning(monkeypatch, capsys):
+    from muon_ext import info
+
+    real = info.collect()
+    assert info.torch_mismatch_warning(real["build"]["torch_version"], torch.__version__) is None
+    fake = {**real, "build": {**real["build"], "torch_version": "1.0.0"}}
+    monkeypatch.setattr(info, "collect", lambda: fake)
+    info.main()
+    err = capsys.readouterr().err
+    assert "built against torch 1.0.0" in err and torch.__version__ in err
+
+
 def test_opcheck_muon_step(seed):
     params, grads, bufs, scales = _inputs()
     args = (params, grads, bufs, torch.tensor(0.02), 0.95, True, 0.1, 1e-7, FLAT, scales)

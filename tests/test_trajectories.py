@@ -145,11 +145,30 @@ def test_unfused_path_matches_fused_path(seed):
 torch_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon absent")
 
 
+def _torch_knows_adjust_lr_fn(adjust_lr_fn) -> bool:
+    """Whether this torch's torch.optim.Muon accepts ``adjust_lr_fn`` (2.13 rejects
+    "spectral_unclamped": its _adjust_lr gives it a factor of 1)."""
+    if not hasattr(torch.optim, "Muon"):
+        return False
+    try:
+        torch.optim.Muon([torch.nn.Parameter(torch.zeros(2, 2))], adjust_lr_fn=adjust_lr_fn)
+    except ValueError:
+        return False
+    return True
+
+
+def _skip_unless_torch_knows(adjust_lr_fn) -> None:
+    if not _torch_knows_adjust_lr_fn(adjust_lr_fn):
+        pytest.skip(f"torch {torch.__version__}'s torch.optim.Muon has no "
+                    f"adjust_lr_fn={adjust_lr_fn!r} to compare against")
+
+
 @torch_muon
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("nesterov", [True, False], ids=["nesterov", "plain"])
 @pytest.mark.parametrize("adjust_lr_fn", [None, "match_rms_adamw", "spectral_unclamped"])
 def test_matches_torch_optim_muon(seed, dtype, nesterov, adjust_lr_fn):
+    _skip_unless_torch_knows(adjust_lr_fn)
     # torch.optim.Muon takes only 2-D params; it orthogonalizes in bf16, we in fp32 on CPU.
     shapes = [(1, 37), (29, 1), (13, 31), (31, 13), (24, 24)]
     params0, grads = _make(shapes, dtype)
@@ -224,6 +243,7 @@ def test_bf16_plain_momentum_is_not_renormalized(seed, fused):
 @pytest.mark.parametrize("adjust_lr_fn", [None, "original", "match_rms_adamw", "spectral_unclamped"])
 def test_scale_rules_match_torchs_own(adjust_lr_fn):
     """update_scale against torch.optim.Muon's _adjust_lr itself, tall, wide and square."""
+    _skip_unless_torch_knows(adjust_lr_fn)
     for shape in [(31, 13), (13, 31), (24, 24), (1, 37), (29, 1), (768, 3072)]:
         ours = update_scale(*shape, adjust_lr_fn)
         assert ours == pytest.approx(_torch_scale(shape, adjust_lr_fn), rel=1e-12), shape
