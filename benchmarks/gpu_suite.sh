@@ -19,6 +19,9 @@
 #                        allocator, so every tensor is its own allocation)
 #   racecheck_step       compute-sanitizer racecheck on benchmarks/sanitizer_step.py
 #   bench_step, bench_newton_schulz   the benchmark scripts, when they exist
+#   bench_gram           Gram vs standard Newton-Schulz: the Kimi-K2 expert bucket (216 x
+#                        2048x7168) alone, and the GPT-2 small / Llama-3-8B layer steps with
+#                        standard, gram and auto (the numbers that set "auto"'s CUDA thresholds)
 # Knobs: PYTHON (default python), MAX_JOBS (default: all cores), STAGES (space-separated subset),
 # BENCH_ARGS (extra arguments for both benchmark scripts).
 set -uo pipefail
@@ -210,6 +213,15 @@ stage_bench() {  # stage_bench SCRIPT
     ${BENCH_ARGS:-}
 }
 
+stage_bench_gram() {
+  timeout 3600 "$PY" -m muon_ext.bench ns --shapes 2048x7168 --batch 216 --presets jordan \
+    --algorithm standard gram --ns-impl muon_ext torch_bmm --out-dir "$OUTDIR/bench" \
+    --label "gpu_suite $STAMP gram ns" &&
+    timeout 3600 "$PY" -m muon_ext.bench step --suite gpt2_small llama3_8b_layer --impl muon_ext \
+      torch_muon --algorithm standard gram auto --out-dir "$OUTDIR/bench" \
+      --label "gpu_suite $STAMP gram step"
+}
+
 # ---- run ------------------------------------------------------------------------------------
 run_stage env stage_env
 run_stage build stage_build
@@ -240,6 +252,8 @@ for script in bench_step.py bench_newton_schulz.py; do
     skip_stage "$name" "benchmarks/$script does not exist"
   fi
 done
+
+run_stage bench_gram stage_bench_gram
 
 # ---- summary --------------------------------------------------------------------------------
 {
