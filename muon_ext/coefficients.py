@@ -71,7 +71,7 @@ GRAM_MIN_ASPECT = 1.5
 # NOTE: [Gram on CPU] in csrc/cpu/muon_step_cpu.cpp: "auto" takes Gram Newton-Schulz on the CPU
 # for n >= CPU_GRAM_MIN_ASPECT * m and m >= CPU_GRAM_MIN_ROWS (the fused step applies the same
 # rule per bucket). On CUDA "auto" is standard until thresholds are measured on a GPU.
-CPU_GRAM_MIN_ASPECT = 2.0
+CPU_GRAM_MIN_ASPECT = 3.0
 CPU_GRAM_MIN_ROWS = 64
 
 

@@ -74,9 +74,11 @@ struct NsBuffers {
 // NOTE: [Gram on CPU]
 // "auto" takes Gram Newton-Schulz for a bucket whose aspect ratio n / m is at least
 // kCpuGramMinAspect (and m >= kCpuGramMinRows, below which the GEMMs are too small for the FLOP
-// count to decide). Chosen from `python -m muon_ext.bench ns --algorithm standard gram` on the
-// 2-core AMD EPYC of benchmarks/results/ (see the README's Gram table).
-constexpr double kCpuGramMinAspect = 2.0;
+// count to decide). Chosen from `python -m muon_ext.bench step --algorithm standard gram` on the
+// 2-core AMD EPYC of benchmarks/results/ (README, Gram table): at aspect 4 (512x2048,
+// 768x3072) Gram took 0.71-0.79x the standard step, at aspect 2 (128x256, FLOP ratio 0.90) it
+// was 0.86x in one run and 1.12x in the next, i.e. within the noise of a shared machine.
+constexpr double kCpuGramMinAspect = 3.0;
 constexpr int64_t kCpuGramMinRows = 64;
 
 bool use_gram(const NsConfig& ns, int64_t m, int64_t n) {
