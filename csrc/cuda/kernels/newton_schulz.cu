@@ -429,9 +429,30 @@ int64_t lt_gemm_plans_built() {
 
 NsGemmPlan plan_newton_schulz(int64_t batch, int64_t m, int64_t n, const NsBuffers& buffers,
                               const BlasContext& blas, int64_t heuristic_batch) {
-  NsGemmPlan plan;
-  if (blas.force_legacy || blas.lt == nullptr) return plan;  // every GEMM takes the legacy path
+  // The checks phase 3 would make, made here, before the step's first write (prepare_step).
+  if (batch < 1 || batch > INT32_MAX || heuristic_batch > INT32_MAX || m < 1 || n < m) {
+    throw std::invalid_argument("muon_ext newton_schulz: need 1 <= batch <= 2^31-1 and "
+                                "1 <= m <= n, got batch=" + std::to_string(batch) +
+                                " m=" + std::to_string(m) + " n=" + std::to_string(n));
+  }
+  if (blas.lt == nullptr && blas.legacy == nullptr) {
+    throw std::invalid_argument("muon_ext newton_schulz: no cuBLASLt or cuBLAS handle");
+  }
   const IterationShapes s = iteration_shapes(batch, m, n);
+  // A GEMM without a cuBLASLt algorithm takes legacy cuBLAS, whose API is 32-bit.
+  auto require_legacy = [&](const GemmShape& g) {
+    if (blas.legacy == nullptr) {
+      throw std::runtime_error(
+          "muon_ext newton_schulz: cuBLASLt has no algorithm for this GEMM and no cuBLAS handle "
+          "was given for the fallback");
+    }
+    for (int64_t v : {g.M, g.N, g.K, g.ld_a, g.ld_b, g.ld_c, g.batch}) checked_int(v, "dimension");
+  };
+  NsGemmPlan plan;
+  if (blas.force_legacy || blas.lt == nullptr) {  // every GEMM takes the legacy path
+    for (const GemmShape* g : {&s.gram, &s.poly, &s.update}) require_legacy(*g);
+    return plan;
+  }
   // One alignment for every m x m buffer: Gram NS runs the same m x m GEMM plan on R, Z, Q and
   // T in turn (null buffers, absent for standard NS, constrain nothing).
   const uint32_t x_align = operand_alignment({buffers.x[0], buffers.x[1]}, n, m * n);
@@ -441,6 +462,9 @@ NsGemmPlan plan_newton_schulz(int64_t batch, int64_t m, int64_t n, const NsBuffe
   plan.gram = cached_gemm(blas, s.gram, heuristic_batch, x_align, x_align, sq, sq);
   plan.poly = cached_gemm(blas, s.poly, heuristic_batch, sq, sq, sq, sq);
   plan.update = cached_gemm(blas, s.update, heuristic_batch, x_align, sq, x_align, x_align);
+  if (!plan.gram->ok()) require_legacy(s.gram);
+  if (!plan.poly->ok()) require_legacy(s.poly);
+  if (!plan.update->ok()) require_legacy(s.update);
   return plan;
 }
 

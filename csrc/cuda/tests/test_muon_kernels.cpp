@@ -733,6 +733,30 @@ void check_chunking(std::mt19937_64& rng, bool force_legacy, const Blas& blas,
   }
 }
 
+// Everything phase 3 could fail on is checked by prepare_step, before the step's first write:
+// with no BLAS handle at all, preparing throws (and run_step, which writes, is never reached).
+void check_prepare_fails_before_writing() {
+  std::printf("prepare_step checks before the first write\n");
+  std::vector<mk::MatrixTensor> tensors;
+  for (const Shape& s : kShapes) {
+    mk::MatrixTensor t;
+    t.batch = s.batch;
+    t.rows = s.rows;
+    t.cols = s.cols;
+    tensors.push_back(t);
+  }
+  const mk::StepPlan plan =
+      mk::plan_step(tensors, make_buckets(kShapes), mk::ElementType::kFloat32, -1);
+  DeviceBuffer ws(plan.workspace_bytes);
+  bool threw = false;
+  try {
+    mk::prepare_step(plan, ws.get(), mk::BlasContext{});
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  expect(threw, "no cuBLAS(Lt) handle: prepare_step throws std::invalid_argument");
+}
+
 // NOTE: [Gram on CUDA]: the bf16 Gram step against the float64 standard reference, under the
 // ratio rule of check_step_against_reference: within 2x the error of a CPU emulation of the same
 // bf16 Gram algorithm (every stored matrix rounded to bf16) plus the same atol. Also: chunking
@@ -847,6 +871,7 @@ int main() {
       check_chunking(rng, true, blas, stream);
       check_gram(rng, false, blas, stream);
       check_gram(rng, true, blas, stream);
+      check_prepare_fails_before_writing();
     }
     check_cuda(cudaStreamDestroy(stream), "cudaStreamDestroy");
   } catch (const std::exception& e) {
