@@ -119,9 +119,6 @@ struct StepPlan {
   size_t workspace_bytes = 0;  // max over chunks of StepChunk::bytes: the one allocation
 };
 
-// Scratch of one chunk of `count` m x n matrices, alignment padding included.
-size_t chunk_workspace_bytes(int64_t count, int64_t m, int64_t n, bool gram = false);
-
 // Buffers of one bucket's Newton-Schulz iterations (all bf16, contiguous strided batches).
 struct NsBuffers {
   __nv_bfloat16* x[2] = {nullptr, nullptr};  // num_matrices * m * n each; x[0] holds the input

@@ -62,14 +62,6 @@ namespace {
 size_t square_buffers(bool gram) { return gram ? 5 : 2; }
 }  // namespace
 
-size_t chunk_workspace_bytes(int64_t count, int64_t m, int64_t n, bool gram) {
-  const size_t c = static_cast<size_t>(count), mm = static_cast<size_t>(m) * static_cast<size_t>(m),
-               mn = static_cast<size_t>(m) * static_cast<size_t>(n);
-  const size_t partials = c * static_cast<size_t>(detail::norm_chunks_per_matrix(m, n));
-  return align_up(partials * sizeof(float)) + 2 * align_up(c * mn * sizeof(__nv_bfloat16)) +
-         square_buffers(gram) * align_up(c * mm * sizeof(__nv_bfloat16));
-}
-
 namespace {
 
 size_t element_bytes(ElementType type) { return type == ElementType::kFloat32 ? 4 : 2; }
@@ -139,22 +131,21 @@ StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
     sc.num_partials = count_norm_partials(sc.tensors);
     const size_t x_bytes = static_cast<size_t>(c.count * b.m * b.n) * sizeof(__nv_bfloat16);
     const size_t g_bytes = static_cast<size_t>(c.count * b.m * b.m) * sizeof(__nv_bfloat16);
+    // Regions in layout order (NOTE: [Chunked step]), each starting 256-byte aligned.
     size_t offset = align_up(static_cast<size_t>(sc.num_partials) * sizeof(float));
-    for (int which = 0; which < 2; ++which) {
-      sc.x_offset[which] = offset;
-      offset = align_up(offset + x_bytes);
-    }
-    sc.gram_offset = offset;
-    offset = align_up(offset + g_bytes);
-    sc.poly_offset = offset;
-    offset = align_up(offset + g_bytes);
+    auto region = [&offset](size_t bytes) {
+      const size_t at = offset;
+      offset = align_up(offset + bytes);
+      return at;
+    };
+    sc.x_offset[0] = region(x_bytes);
+    sc.x_offset[1] = region(x_bytes);
+    sc.gram_offset = region(g_bytes);
+    sc.poly_offset = region(g_bytes);
     if (sc.gram) {
-      for (int which = 0; which < 2; ++which) {
-        sc.q_offset[which] = offset;
-        offset = align_up(offset + g_bytes);
-      }
-      sc.t_offset = offset;
-      offset = align_up(offset + g_bytes);
+      sc.q_offset[0] = region(g_bytes);
+      sc.q_offset[1] = region(g_bytes);
+      sc.t_offset = region(g_bytes);
     }
     sc.bytes = offset;
     plan.workspace_bytes = std::max(plan.workspace_bytes, offset);

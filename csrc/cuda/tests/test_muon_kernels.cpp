@@ -683,6 +683,19 @@ void check_determinism_and_skip(std::mt19937_64& rng, const Blas& blas, cudaStre
   }
 }
 
+// Tensor entries with shapes and no pointers: enough for planning (plan_step reads no data).
+std::vector<mk::MatrixTensor> shape_only_tensors(const std::vector<Shape>& shapes) {
+  std::vector<mk::MatrixTensor> tensors;
+  for (const Shape& s : shapes) {
+    mk::MatrixTensor t;
+    t.batch = s.batch;
+    t.rows = s.rows;
+    t.cols = s.cols;
+    tensors.push_back(t);
+  }
+  return tensors;
+}
+
 // NOTE: [Chunked step]: any workspace limit gives the same bits. The limits force, in turn: a few
 // chunks per bucket; a 3-D stack split across chunks; one matrix per chunk, with the 600x70 and
 // 301x257 matrices each bigger than the limit on their own. Also: the plan honours the limit
@@ -696,14 +709,7 @@ void check_chunking(std::mt19937_64& rng, bool force_legacy, const Blas& blas,
   StepConfig cfg;
   cfg.force_legacy = force_legacy;
   const StepResult whole = run_gpu_step(d, type, cfg, coeffs, blas, stream);
-  std::vector<mk::MatrixTensor> shapes_only;
-  for (const Shape& s : kShapes) {
-    mk::MatrixTensor t;
-    t.batch = s.batch;
-    t.rows = s.rows;
-    t.cols = s.cols;
-    shapes_only.push_back(t);
-  }
+  const std::vector<mk::MatrixTensor> shapes_only = shape_only_tensors(kShapes);
   const std::vector<mk::ShapeBucket> buckets = make_buckets(kShapes);
   const size_t one_chunk = mk::plan_step(shapes_only, buckets, type, -1).chunks.size();
   expect(one_chunk == buckets.size(), "default limit: one chunk per bucket at these sizes");
@@ -737,16 +743,8 @@ void check_chunking(std::mt19937_64& rng, bool force_legacy, const Blas& blas,
 // with no BLAS handle at all, preparing throws (and run_step, which writes, is never reached).
 void check_prepare_fails_before_writing() {
   std::printf("prepare_step checks before the first write\n");
-  std::vector<mk::MatrixTensor> tensors;
-  for (const Shape& s : kShapes) {
-    mk::MatrixTensor t;
-    t.batch = s.batch;
-    t.rows = s.rows;
-    t.cols = s.cols;
-    tensors.push_back(t);
-  }
-  const mk::StepPlan plan =
-      mk::plan_step(tensors, make_buckets(kShapes), mk::ElementType::kFloat32, -1);
+  const mk::StepPlan plan = mk::plan_step(shape_only_tensors(kShapes), make_buckets(kShapes),
+                                          mk::ElementType::kFloat32, -1);
   DeviceBuffer ws(plan.workspace_bytes);
   bool threw = false;
   try {
