@@ -155,6 +155,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_metrics(results: dict, world: int, name: str) -> list[dict]:
+    """The metrics each rank reported for one scenario of run_workers; fails with a rank's
+    traceback if it raised."""
+    per_rank = results[world][name]
+    for r, m in enumerate(per_rank):
+        assert "error" not in m, f"{name} failed on rank {r} of {world}:\n{m['error']}"
+    return per_rank
+
+
 def run_workers(
     worlds: tuple[int, ...],
     scenarios: dict[str, Callable[[int, int, str], dict]],

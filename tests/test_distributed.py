@@ -394,29 +394,22 @@ def results(dist_seed):
     return U.run_workers(WORLDS, SCENARIOS, dist_seed)
 
 
-def _ranks(results, world, name):
-    per_rank = results[world][name]
-    for r, m in enumerate(per_rank):
-        assert "error" not in m, f"{name} failed on rank {r} of {world}:\n{m['error']}"
-    return per_rank
-
-
 worlds = pytest.mark.parametrize("world", WORLDS, ids=lambda w: f"world{w}")
 
 
 @worlds
 def test_ddp_owner_mode_matches_single_process(results, world):
-    for m in _ranks(results, world, "ddp_owner"):
+    for m in U.rank_metrics(results, world, "ddp_owner"):
         assert m["param_diff"] <= TOL, m["param_diff"]
         assert m["momentum_diff"] <= TOL, m["momentum_diff"]
         assert m["identical_on_ranks"]
-    keys = _ranks(results, world, "ddp_owner")[0]["state_keys"]
+    keys = U.rank_metrics(results, world, "ddp_owner")[0]["state_keys"]
     assert all(k == keys[0] for k in keys) and len(keys[0]) == 7
 
 
 @worlds
 def test_ddp_owner_mode_orthogonalizes_each_matrix_once(results, world):
-    per_rank = _ranks(results, world, "ddp_owner")
+    per_rank = U.rank_metrics(results, world, "ddp_owner")
     for step in range(U.STEPS):
         counts = [m["counts"][step]["matrices"] for m in per_rank]
         assert sum(counts) == U.MATRICES, counts
@@ -428,7 +421,7 @@ def test_ddp_owner_mode_orthogonalizes_each_matrix_once(results, world):
 
 @worlds
 def test_fsdp2_matches_single_process(results, world):
-    per_rank = _ranks(results, world, "fsdp")
+    per_rank = U.rank_metrics(results, world, "fsdp")
     for m in per_rank:
         assert m["param_diff"] <= TOL, m["param_diff"]
         assert m["momentum_diff"] <= TOL, m["momentum_diff"]
@@ -440,7 +433,7 @@ def test_fsdp2_matches_single_process(results, world):
 
 @worlds
 def test_fsdp2_orthogonalizes_each_matrix_once(results, world):
-    per_rank = _ranks(results, world, "fsdp")
+    per_rank = U.rank_metrics(results, world, "fsdp")
     for step in range(U.STEPS):
         counts = [m["counts"][step]["matrices"] for m in per_rank]
         assert sum(counts) == U.MATRICES, counts
@@ -452,13 +445,13 @@ def test_fsdp2_orthogonalizes_each_matrix_once(results, world):
 
 @worlds
 def test_shard_local_orthogonalization_fails_the_comparison(results, world):
-    for m in _ranks(results, world, "fsdp_shard_local"):
+    for m in U.rank_metrics(results, world, "fsdp_shard_local"):
         assert m["param_diff"] > 100 * TOL, m["param_diff"]
 
 
 @worlds
 def test_fsdp2_state_round_trips_through_dcp(results, world):
-    per_rank = _ranks(results, world, "fsdp_dcp")
+    per_rank = U.rank_metrics(results, world, "fsdp_dcp")
     for m in per_rank:
         assert m["momentum_equal"] and m["params_equal"] and m["continued_equal"]
         assert m["param_diff"] <= TOL
@@ -468,7 +461,7 @@ def test_fsdp2_state_round_trips_through_dcp(results, world):
 
 @worlds
 def test_ddp_grad_missing_on_one_rank_does_not_hang(results, world):
-    per_rank = _ranks(results, world, "ddp_grad_missing_on_one_rank")
+    per_rank = U.rank_metrics(results, world, "ddp_grad_missing_on_one_rank")
     for m in per_rank:
         assert m["warned"] and m["h2_unchanged"] and not m["h2_has_state"]
         assert m["h1_changed"] and m["identical_on_ranks"]
@@ -478,7 +471,7 @@ def test_ddp_grad_missing_on_one_rank_does_not_hang(results, world):
 
 @worlds
 def test_fsdp2_grad_missing_on_one_rank_does_not_hang(results, world):
-    per_rank = _ranks(results, world, "fsdp_grad_missing_on_one_rank")
+    per_rank = U.rank_metrics(results, world, "fsdp_grad_missing_on_one_rank")
     for m in per_rank:
         assert m["warned"] and m["h1_unchanged"] and not m["h1_has_state"]
     keys = per_rank[0]["state_keys"]
@@ -487,13 +480,13 @@ def test_fsdp2_grad_missing_on_one_rank_does_not_hang(results, world):
 
 @worlds
 def test_found_inf_on_one_rank_skips_everywhere(results, world):
-    for m in _ranks(results, world, "fsdp_found_inf_on_one_rank"):
+    for m in U.rank_metrics(results, world, "fsdp_found_inf_on_one_rank"):
         assert m["unchanged"] and m["state_params"] == 0
 
 
 @worlds
 def test_zero_redundancy_optimizer(results, world):
-    per_rank = _ranks(results, world, "zero_redundancy")
+    per_rank = U.rank_metrics(results, world, "zero_redundancy")
     for m in per_rank:
         assert m["param_diff"] <= TOL, m["param_diff"]
         assert m["momentum_diff"] <= TOL, m["momentum_diff"]
@@ -503,14 +496,14 @@ def test_zero_redundancy_optimizer(results, world):
 
 @worlds
 def test_zero_with_owner_mode_is_rejected_on_every_rank(results, world):
-    for m in _ranks(results, world, "zero_with_owner_mode_rejected"):
+    for m in U.rank_metrics(results, world, "zero_with_owner_mode_rejected"):
         assert "ZeroRedundancyOptimizer" in m["message"], m["message"]
         assert m["unchanged"]
 
 
 @worlds
 def test_dtensor_layouts_match_plain_tensors(results, world):
-    per_rank = _ranks(results, world, "dtensor_layouts")
+    per_rank = U.rank_metrics(results, world, "dtensor_layouts")
     for m in per_rank:
         assert m["param_diff"] <= TOL, m["param_diff"]
     # One owner for each sharded layout (13x5, 2x9, the 3x4x5 stack, 9x4); the Replicate one

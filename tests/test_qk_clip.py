@@ -1193,20 +1193,13 @@ def dist_results():
     return U.run_workers(DIST_WORLDS, SCENARIOS, value)
 
 
-def _ranks(results, world, name):
-    per_rank = results[world][name]
-    for r, m in enumerate(per_rank):
-        assert "error" not in m, f"{name} failed on rank {r} of {world}:\n{m['error']}"
-    return per_rank
-
-
 dist_worlds = pytest.mark.parametrize("world", DIST_WORLDS, ids=lambda w: f"world{w}")
 
 
 @pytest.mark.distributed
 @dist_worlds
 def test_replicated_ranks_apply_the_max_of_their_maxima(dist_results, world):
-    for m in _ranks(dist_results, world, "replicated"):
+    for m in U.rank_metrics(dist_results, world, "replicated"):
         assert m["locals_differ"] and m["reduced_is_max"] and m["identical_on_ranks"]
         assert m["clipped"] > 0 and m["unclipped"] > 0
 
@@ -1214,7 +1207,7 @@ def test_replicated_ranks_apply_the_max_of_their_maxima(dist_results, world):
 @pytest.mark.distributed
 @dist_worlds
 def test_fsdp2_clip_equals_single_process_bit_for_bit(dist_results, world):
-    per_rank = _ranks(dist_results, world, "fsdp_apply")
+    per_rank = U.rank_metrics(dist_results, world, "fsdp_apply")
     for m in per_rank:
         assert m["sharded"]
         assert m["mismatched"] == [], m["mismatched"]
@@ -1229,21 +1222,21 @@ def test_fsdp2_clip_equals_single_process_bit_for_bit(dist_results, world):
 @pytest.mark.distributed
 @dist_worlds
 def test_fsdp2_clip_bounds_each_head_at_min_of_before_and_tau(dist_results, world):
-    for m in _ranks(dist_results, world, "fsdp_apply"):
+    for m in U.rank_metrics(dist_results, world, "fsdp_apply"):
         assert m["bound_err"] <= BOUND_RTOL, m["bound_err"]
 
 
 @pytest.mark.distributed
 @dist_worlds
 def test_fsdp2_clip_is_one_all_reduce_and_no_gather(dist_results, world):
-    for m in _ranks(dist_results, world, "fsdp_apply"):
+    for m in U.rank_metrics(dist_results, world, "fsdp_apply"):
         assert m["comms"] == {"all_reduce": 1, "dtensor_collectives": 1}, m["comms"]
 
 
 @pytest.mark.distributed
 @dist_worlds
 def test_tensor_parallel_local_heads_reduce_over_data_parallel_group(dist_results, world):
-    per_rank = _ranks(dist_results, world, "tensor_parallel")
+    per_rank = U.rank_metrics(dist_results, world, "tensor_parallel")
     for m in per_rank:
         assert m["equal"] and m["gamma_equal"] and m["clipped"] > 0
     # The group matters: a MAX over the whole world mixes other ranks' heads into the factors.
@@ -1253,7 +1246,7 @@ def test_tensor_parallel_local_heads_reduce_over_data_parallel_group(dist_result
 @pytest.mark.distributed
 @dist_worlds
 def test_fsdp2_training_with_muon_with_adamw_matches_single_process(dist_results, world):
-    per_rank = _ranks(dist_results, world, "fsdp_train")
+    per_rank = U.rank_metrics(dist_results, world, "fsdp_train")
     # QK-Clip itself adds no difference (same maxima give bit-identical rows, see above); what
     # remains is the distributed Muon step's fp32 rounding (gradients summed in another order,
     # then Newton-Schulz): ~2e-6 of a weight's largest entry after the first step already, most
