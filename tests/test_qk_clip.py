@@ -1156,12 +1156,13 @@ def fsdp_train(rank, world, tmp):
         clip.attach(opt)
         runs[kind] = (model, opt, clip)
     (ref, ref_opt, ref_clip), (model, opt, clip) = runs["ref"], runs["fsdp"]
-    rel, fro, clipped = [], [], []
+    rel, fro, clipped, ref_clipped = [], [], [], []
     for step in range(TRAIN_STEPS):
         tokens, target = _train_batch(step)
         _train_step(ref, ref_opt, tokens, target)
         _train_step(model, opt, _slices(tokens, world)[rank], _slices(target, world)[rank])
         clipped.append(int(sum(int((h.last_gamma < 1).sum()) for h in clip.layers)))
+        ref_clipped.append(int(sum(int((h.last_gamma < 1).sum()) for h in ref_clip.layers)))
         per_param = {
             n: float((U.full(p.detach()) - q.detach()).abs().max() / q.detach().abs().max())
             for (n, p), q in zip(model.named_parameters(), ref.parameters())
@@ -1178,6 +1179,7 @@ def fsdp_train(rank, world, tmp):
         "fro_diff": fro,
         "last_by_param": per_param,
         "clipped": clipped,
+        "ref_clipped": ref_clipped,
         "straddling": _straddling(clip.layers),
     }
 
@@ -1253,7 +1255,15 @@ def test_fsdp2_training_with_muon_with_adamw_matches_single_process(dist_results
     # in the output projections, which the clip never touches. 1e-5 as in test_distributed.
     for m in per_rank:
         assert max(m["rel_diff"]) <= 1e-5, (m["rel_diff"], m["last_by_param"])
-        assert all(c > 0 for c in m["clipped"]), m["clipped"]
+        # The clip must act (the 3x query init puts the first step's logits far above tau;
+        # later steps may fall under it, depending on the seed) and act on the same heads as in
+        # the single process: a head whose maximum sits within rounding of tau could flip, so
+        # the count may differ by one per step, never more.
+        assert m["clipped"][0] > 0 and m["ref_clipped"][0] > 0, (m["clipped"], m["ref_clipped"])
+        assert all(abs(c - r) <= 1 for c, r in zip(m["clipped"], m["ref_clipped"])), (
+            m["clipped"],
+            m["ref_clipped"],
+        )
     assert any(m["straddling"] for m in per_rank)
 
 
