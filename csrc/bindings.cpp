@@ -18,14 +18,17 @@ TORCH_LIBRARY(muon_ext, m) {
   // The whole Muon step for a list of matrices (see csrc/muon_step_args.h for the contract):
   //   M = lerp(M, G / grad_scale, 1 - momentum); U = nesterov ? lerp(G', M, momentum) : M
   //   X = NS(U / max(||U||_F, eps)) per matrix; P = P * (1 - lr * wd) - lr * scale_i * X
-  // With found_inf != 0 nothing changes. grads are never written. Newton-Schulz runs per shape
+  // NorMuon (normuon_buffers non-empty): a per-row second moment after Newton-Schulz, see
+  // NOTE: [NorMuon] in csrc/muon_step_args.h. With found_inf != 0 nothing changes. grads are
+  // never written. Newton-Schulz runs per shape
   // bucket in chunks whose scratch fits workspace_limit bytes (csrc/muon_step_args.h).
   m.def(
       "muon_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor lr, float momentum, bool nesterov, float weight_decay, float eps, "
       "float[] ns_coefficients, float[] update_scales, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, int workspace_limit=-1, str ns_algorithm=\"standard\", "
-      "int[] gram_restarts=[2]) -> ()");
+      "int[] gram_restarts=[2], Tensor(c!)[] normuon_buffers=[], float normuon_beta2=0.95, "
+      "float normuon_eps=1e-08) -> ()");
   // Bytes of scratch memory muon_step_ would allocate for these params (3-D views as for the
   // step) under `workspace_limit` (-1: the default; see NOTE: [Workspace budget]).
   m.def(

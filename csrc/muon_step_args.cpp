@@ -27,7 +27,8 @@ void check_scalar_tensor(const at::Tensor& t, const char* name, const at::Device
 // In-place updates through shared storage would race (CUDA) or apply twice (CPU): every
 // tensor the step writes (params, momentum) must own its storage among all the step's
 // tensors; grads are only read, so grads may share storage with each other. O(n) with a map.
-void check_no_aliasing(at::TensorList params, at::TensorList grads, at::TensorList momentum) {
+void check_no_aliasing(at::TensorList params, at::TensorList grads, at::TensorList momentum,
+                       at::TensorList normuon) {
   // storage -> (list name, index) of the first written tensor on it; names are built only for
   // the error message (this runs for every tensor of every step).
   std::unordered_map<const void*, std::pair<const char*, size_t>> written;
@@ -46,6 +47,7 @@ void check_no_aliasing(at::TensorList params, at::TensorList grads, at::TensorLi
   };
   claim(params, "params");
   claim(momentum, "momentum_buffers");
+  claim(normuon, "normuon_buffers");
   for (size_t i = 0; i < grads.size(); ++i) {
     if (grads[i].numel() == 0) continue;
     auto it = written.find(grads[i].storage().unsafeGetStorageImpl());
@@ -92,7 +94,8 @@ NsConfig make_ns_config(std::vector<double> coefficients, double eps,
 }
 
 void check_muon_step_args(at::TensorList params, at::TensorList grads,
-                          at::TensorList momentum_buffers, const at::Tensor& lr,
+                          at::TensorList momentum_buffers, at::TensorList normuon_buffers,
+                          const at::Tensor& lr,
                           const MuonStepArgs& args, const c10::optional<at::Tensor>& grad_scale,
                           const c10::optional<at::Tensor>& found_inf,
                           c10::DeviceType device_type) {
@@ -108,6 +111,17 @@ void check_muon_step_args(at::TensorList params, at::TensorList grads,
   TORCH_CHECK(std::isfinite(args.weight_decay) && args.weight_decay >= 0.0,
               "muon_step_: weight_decay must be a finite number >= 0, got ", args.weight_decay);
   check_ns_coefficients(args.ns_coefficients, args.eps);
+  const bool normuon = !normuon_buffers.empty();
+  TORCH_CHECK(!normuon || normuon_buffers.size() == n, "muon_step_: normuon_buffers has ",
+              normuon_buffers.size(), " tensors but params has ", n, " (empty turns NorMuon off)");
+  if (normuon) {
+    TORCH_CHECK(std::isfinite(args.normuon_beta2) && args.normuon_beta2 >= 0.0 &&
+                    args.normuon_beta2 < 1.0,
+                "muon_step_: normuon_beta2 must be in [0, 1), got ", args.normuon_beta2);
+    // eps > 0: a zero row keeps v = 0, and s = 1 / (0 + 0) would turn its zeros into NaN.
+    TORCH_CHECK(std::isfinite(args.normuon_eps) && args.normuon_eps > 0.0,
+                "muon_step_: normuon_eps must be a finite number > 0, got ", args.normuon_eps);
+  }
   if (n == 0) return;
 
   const at::Device device = params[0].device();
@@ -142,8 +156,20 @@ void check_muon_step_args(at::TensorList params, at::TensorList grads,
     TORCH_CHECK(!g.is_sparse(), "muon_step_: grads[", i, "] is sparse; Muon needs dense grads");
     TORCH_CHECK(std::isfinite(args.update_scales[i]), "muon_step_: update_scales[", i,
                 "] must be finite, got ", args.update_scales[i]);
+    if (normuon) {
+      const at::Tensor& v = normuon_buffers[i];
+      TORCH_CHECK(v.dim() == 2 && v.size(0) == p.size(0) && v.size(1) == p.size(1),
+                  "muon_step_: normuon_buffers[", i, "] has shape ", v.sizes(),
+                  " but must be (batch, rows) = (", p.size(0), ", ", p.size(1), ") of params[", i,
+                  "]");
+      TORCH_CHECK(v.scalar_type() == at::kFloat, "muon_step_: normuon_buffers[", i,
+                  "] must be float32, got ", v.scalar_type());
+      TORCH_CHECK(v.device() == device, "muon_step_: normuon_buffers[", i, "] is on ", v.device(),
+                  " but params[0] is on ", device);
+      TORCH_CHECK(v.is_contiguous(), "muon_step_: normuon_buffers[", i, "] must be contiguous");
+    }
   }
-  check_no_aliasing(params, grads, momentum_buffers);
+  check_no_aliasing(params, grads, momentum_buffers, normuon_buffers);
   check_scalar_tensor(lr, "lr", device, /*allow_cpu=*/true);
   if (grad_scale.has_value()) check_scalar_tensor(*grad_scale, "grad_scale", device, true);
   if (found_inf.has_value()) check_scalar_tensor(*found_inf, "found_inf", device, true);

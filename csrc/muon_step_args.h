@@ -50,6 +50,16 @@ struct NsConfig {
 NsConfig make_ns_config(std::vector<double> coefficients, double eps,
                         c10::string_view ns_algorithm, at::IntArrayRef gram_restarts);
 
+// NOTE: [NorMuon]
+// With normuon_buffers (one float32 (B, rows) tensor per param view; an empty list turns it
+// off) phase 4 normalizes each orthogonalized matrix O (rows x cols, the param's orientation,
+// whatever orientation Newton-Schulz ran in) per row before the update:
+//   q_i = sum_j O_ij^2;  v_i <- beta2 v_i + (1 - beta2) q_i / cols   (v: the buffer, fp32)
+//   s_i = 1 / (sqrt(v_i) + eps);  f = ||O||_F / ||diag(s) O||_F = sqrt(sum q_i / sum s_i^2 q_i)
+//   P = P (1 - lr wd) - lr scale f s_i O_ij
+// (f = 0 for O = 0). f keeps the update's Frobenius norm, so the lr rule means what it means
+// without NorMuon. The sums are over one matrix's rows, so the result does not depend on the
+// chunking or on the other matrices of the call. With found_inf != 0, v does not change either.
 struct MuonStepArgs {
   double momentum;
   bool nesterov;
@@ -57,6 +67,8 @@ struct MuonStepArgs {
   double eps;
   std::vector<double> ns_coefficients;  // flat (a0, b0, c0, a1, b1, c1, ...)
   std::vector<double> update_scales;    // one per tensor
+  double normuon_beta2 = 0.95;          // NOTE: [NorMuon]; used only with normuon_buffers
+  double normuon_eps = 1e-8;
 };
 
 // One shape bucket: every matrix of the listed tensors is m x n after orientation (m <= n).
@@ -79,10 +91,12 @@ ChunkPlan plan_chunks(const std::vector<Bucket>& buckets, int64_t workspace_limi
 
 // Validates every argument of muon_step_ before anything is touched, so a rejected call
 // changes nothing. Errors name the argument and the offending index.
+// normuon_buffers: empty (NorMuon off) or one (B, rows) float32 tensor per param.
 void check_muon_step_args(
     at::TensorList params,
     at::TensorList grads,
     at::TensorList momentum_buffers,
+    at::TensorList normuon_buffers,
     const at::Tensor& lr,
     const MuonStepArgs& args,
     const c10::optional<at::Tensor>& grad_scale,

@@ -37,6 +37,9 @@ def muon_step_(
     workspace_limit: int = -1,
     ns_algorithm: str = "standard",
     gram_restarts: Sequence[int] = (2,),
+    normuon_buffers: Sequence[Tensor] = (),
+    normuon_beta2: float = 0.95,
+    normuon_eps: float = 1e-8,
 ) -> None:
     """The fused Muon step on 3-D (batch, rows, cols) views; see csrc/muon_step_args.h.
 
@@ -44,6 +47,8 @@ def muon_step_(
     :data:`DEFAULT_WORKSPACE_LIMIT`); buckets are orthogonalized in chunks that fit it.
     ``ns_algorithm``: "standard", "gram" (Gram Newton-Schulz, restarting after each iteration
     count in ``gram_restarts``) or "auto" (per bucket; NOTE: [Newton-Schulz algorithm]).
+    ``normuon_buffers``: empty (off) or one float32 (batch, rows) second-moment buffer per view:
+    NorMuon's per-row normalization after Newton-Schulz (NOTE: [NorMuon]).
     """
     torch.ops.muon_ext.muon_step_(
         list(params),
@@ -61,6 +66,9 @@ def muon_step_(
         int(workspace_limit),
         str(ns_algorithm),
         [int(r) for r in gram_restarts],
+        list(normuon_buffers),
+        float(normuon_beta2),
+        float(normuon_eps),
     )
 
 
@@ -97,7 +105,8 @@ if extension_available():
     def _muon_step_fake(
         params, grads, momentum_buffers, lr, momentum, nesterov, weight_decay, eps,
         ns_coefficients, update_scales, grad_scale=None, found_inf=None, workspace_limit=-1,
-        ns_algorithm="standard", gram_restarts=(2,),
+        ns_algorithm="standard", gram_restarts=(2,), normuon_buffers=(), normuon_beta2=0.95,
+        normuon_eps=1e-8,
     ) -> None:
         return None
 

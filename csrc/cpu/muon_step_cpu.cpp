@@ -237,11 +237,58 @@ void fill_pass(const WorkItem* items, int64_t num_items, int64_t chunk_first,
   });
 }
 
-// Phase 4: P = P (1 - lr wd) - lr scale X for a chunk's matrices, in fp32, rounded once.
+// NorMuon (NOTE: [NorMuon] in muon_step_args.h) for a chunk's matrices: updates each row's v and
+// writes the row multipliers f * s_i into row_scale (kNorMuonStride = the bucket's n floats per
+// matrix, since a matrix has m or n rows depending on its orientation). Sums in double, over
+// rows in index order (NOTE: [Deterministic reduction]); parallel over matrices.
+void normuon_pass(const WorkItem* items, const std::vector<int64_t>& firsts, int64_t chunk_first,
+                  int64_t count, int64_t stride, at::TensorList params,
+                  at::TensorList normuon_buffers, const float* result, double beta2, double eps,
+                  float* row_scale) {
+  at::parallel_for(0, count, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<double> q;
+    for (int64_t k = lo; k < hi; ++k) {
+      const WorkItem& it = items[firsts[chunk_first + k] - firsts[chunk_first]];
+      const at::Tensor& p_t = params[it.tensor];
+      const int64_t rows = p_t.size(1), cols = p_t.size(2);
+      const float* x = result + k * rows * cols;  // X is rows x cols, or cols x rows when tall
+      float* v = normuon_buffers[it.tensor].data_ptr<float>() + it.matrix * rows;
+      q.assign(static_cast<size_t>(rows), 0.0);
+      if (rows > cols) {
+        for (int64_t j = 0; j < cols; ++j) {
+          for (int64_t i = 0; i < rows; ++i) {
+            const double o = x[j * rows + i];
+            q[i] += o * o;
+          }
+        }
+      } else {
+        for (int64_t i = 0; i < rows; ++i) {
+          double acc = 0.0;
+          for (int64_t j = 0; j < cols; ++j) acc += static_cast<double>(x[i * cols + j]) * x[i * cols + j];
+          q[i] = acc;
+        }
+      }
+      float* r = row_scale + k * stride;
+      double sum_q = 0.0, sum_sq = 0.0;
+      for (int64_t i = 0; i < rows; ++i) {
+        v[i] = static_cast<float>(beta2 * v[i] + (1.0 - beta2) * (q[i] / cols));
+        const double si = 1.0 / (std::sqrt(static_cast<double>(v[i])) + eps);
+        sum_q += q[i];
+        sum_sq += si * si * q[i];
+        q[i] = si;  // q now holds s_i
+      }
+      const double f = sum_sq > 0.0 ? std::sqrt(sum_q / sum_sq) : 0.0;
+      for (int64_t i = 0; i < rows; ++i) r[i] = static_cast<float>(f * q[i]);
+    }
+  });
+}
+
+// Phase 4: P = P (1 - lr wd) - lr scale X for a chunk's matrices, in fp32, rounded once. With
+// row_scale (NorMuon), row i of a matrix is scaled by row_scale[matrix * stride + i] first.
 template <typename scalar_t>
 void update_pass(const WorkItem* items, int64_t num_items, int64_t chunk_first,
                  at::TensorList params, const float* result, double lr, double weight_decay,
-                 const std::vector<double>& scales) {
+                 const std::vector<double>& scales, const float* row_scale, int64_t stride) {
   const float decay = static_cast<float>(1.0 - lr * weight_decay);
   at::parallel_for(0, num_items, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t w = lo; w < hi; ++w) {
@@ -252,6 +299,15 @@ void update_pass(const WorkItem* items, int64_t num_items, int64_t chunk_first,
       const float step = static_cast<float>(lr * scales[it.tensor]);
       scalar_t* p = p_t.data_ptr<scalar_t>() + it.matrix * numel;
       const float* x = result + (it.bucket_matrix - chunk_first) * numel;
+      if (row_scale != nullptr) {
+        const float* r = row_scale + (it.bucket_matrix - chunk_first) * stride;
+        for (int64_t e = it.begin; e < it.end; ++e) {
+          const int64_t src = tall ? (e % cols) * rows + e / cols : e;
+          p[e] = static_cast<scalar_t>(static_cast<float>(p[e]) * decay -
+                                       step * (r[e / cols] * x[src]));
+        }
+        continue;
+      }
       for (int64_t e = it.begin; e < it.end; ++e) {
         const int64_t src = tall ? (e % cols) * rows + e / cols : e;
         p[e] = static_cast<scalar_t>(static_cast<float>(p[e]) * decay - step * x[src]);
@@ -308,12 +364,13 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                    double eps, at::ArrayRef<double> ns_coefficients,
                    at::ArrayRef<double> update_scales, const c10::optional<at::Tensor>& grad_scale,
                    const c10::optional<at::Tensor>& found_inf, int64_t workspace_limit,
-                   c10::string_view ns_algorithm, at::IntArrayRef gram_restarts) {
-  const MuonStepArgs args{momentum, nesterov, weight_decay, eps, ns_coefficients.vec(),
-                          update_scales.vec()};
+                   c10::string_view ns_algorithm, at::IntArrayRef gram_restarts,
+                   at::TensorList normuon_buffers, double normuon_beta2, double normuon_eps) {
+  const MuonStepArgs args{momentum,       nesterov,           weight_decay, eps,
+                          ns_coefficients.vec(), update_scales.vec(), normuon_beta2, normuon_eps};
   const NsConfig ns = make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts);
-  check_muon_step_args(params, grads, momentum_buffers, lr, args, grad_scale, found_inf,
-                       c10::DeviceType::CPU);
+  check_muon_step_args(params, grads, momentum_buffers, normuon_buffers, lr, args, grad_scale,
+                       found_inf, c10::DeviceType::CPU);
   resolve_workspace_limit(workspace_limit);
   if (params.empty()) return;
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) return;  // skip: nothing changes
@@ -333,6 +390,16 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                 params[0].options().dtype(at::kFloat));
   std::vector<std::vector<float>> inv_norms(buckets.size());
   for (size_t k = 0; k < buckets.size(); ++k) inv_norms[k].resize(buckets[k].num_matrices);
+  // NorMuon's row multipliers: the bucket's n floats per matrix of the largest chunk (bounded
+  // by the chunk, like the workspace, at most 1 / (2m) of the chunk's X buffers).
+  const bool normuon = !normuon_buffers.empty();
+  int64_t row_scale_floats = 0;
+  if (normuon) {
+    for (const Chunk& c : plan.chunks) {
+      row_scale_floats = std::max(row_scale_floats, c.count * buckets[c.bucket].n);
+    }
+  }
+  std::vector<float> row_scale(static_cast<size_t>(row_scale_floats));
   maybe_inject_failure("muon_step_");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(),
@@ -358,8 +425,14 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
       fill_pass<scalar_t>(items, num_items, c.first, grads, momentum_buffers, sc,
                           inv_norms[c.bucket], buf.x.data_ptr<float>());
       const at::Tensor result = newton_schulz_fp32(buf, ns, gram);
+      if (normuon) {
+        normuon_pass(items, firsts, c.first, c.count, b.n, params, normuon_buffers,
+                     result.const_data_ptr<float>(), normuon_beta2, normuon_eps,
+                     row_scale.data());
+      }
       update_pass<scalar_t>(items, num_items, c.first, params, result.const_data_ptr<float>(),
-                            lr_value, weight_decay, args.update_scales);
+                            lr_value, weight_decay, args.update_scales,
+                            normuon ? row_scale.data() : nullptr, b.n);
     }
   });
 }

@@ -204,7 +204,8 @@ void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::ArrayRef<double> update_scales,
                     const c10::optional<at::Tensor>& grad_scale,
                     const c10::optional<at::Tensor>& found_inf, int64_t workspace_limit,
-                    c10::string_view ns_algorithm, at::IntArrayRef gram_restarts) {
+                    c10::string_view ns_algorithm, at::IntArrayRef gram_restarts,
+                    at::TensorList normuon_buffers, double normuon_beta2, double normuon_eps) {
   resolve_workspace_limit(workspace_limit);  // a bad limit is rejected before any work
   const NsConfig ns = make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts);
   MuonStepArgs args{momentum,
@@ -212,9 +213,12 @@ void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     weight_decay,
                     eps,
                     std::vector<double>(ns_coefficients.begin(), ns_coefficients.end()),
-                    std::vector<double>(update_scales.begin(), update_scales.end())};
-  check_muon_step_args(params, grads, momentum_buffers, lr, args, grad_scale, found_inf,
-                       c10::DeviceType::CUDA);
+                    std::vector<double>(update_scales.begin(), update_scales.end()),
+                    normuon_beta2,
+                    normuon_eps};
+  check_muon_step_args(params, grads, momentum_buffers, normuon_buffers, lr, args, grad_scale,
+                       found_inf, c10::DeviceType::CUDA);
+  TORCH_CHECK(normuon_buffers.empty(), "muon_step_: NorMuon (normuon_buffers) is not built for CUDA yet");
   const bool force_legacy = force_legacy_blas();  // a bad value is rejected before any work
   if (params.empty()) return;
 
