@@ -27,7 +27,7 @@ TORCH_LIBRARY(muon_ext, m) {
       "Tensor lr, float momentum, bool nesterov, float weight_decay, float eps, "
       "float[] ns_coefficients, float[] update_scales, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, int workspace_limit=-1, str ns_algorithm=\"standard\", "
-      "int[] gram_restarts=[2], Tensor(c!)[] normuon_buffers=[], float normuon_beta2=0.95, "
+      "int[] gram_restarts=[2], Tensor(c!)[]? normuon_buffers=None, float normuon_beta2=0.95, "
       "float normuon_eps=1e-08) -> ()");
   // Bytes of scratch memory muon_step_ would allocate for these params (3-D views as for the
   // step) under `workspace_limit` (-1: the default; see NOTE: [Workspace budget]).

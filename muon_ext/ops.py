@@ -66,7 +66,7 @@ def muon_step_(
         int(workspace_limit),
         str(ns_algorithm),
         [int(r) for r in gram_restarts],
-        list(normuon_buffers),
+        list(normuon_buffers) or None,
         float(normuon_beta2),
         float(normuon_eps),
     )
@@ -105,7 +105,7 @@ if extension_available():
     def _muon_step_fake(
         params, grads, momentum_buffers, lr, momentum, nesterov, weight_decay, eps,
         ns_coefficients, update_scales, grad_scale=None, found_inf=None, workspace_limit=-1,
-        ns_algorithm="standard", gram_restarts=(2,), normuon_buffers=(), normuon_beta2=0.95,
+        ns_algorithm="standard", gram_restarts=(2,), normuon_buffers=None, normuon_beta2=0.95,
         normuon_eps=1e-8,
     ) -> None:
         return None

@@ -205,7 +205,10 @@ void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const c10::optional<at::Tensor>& grad_scale,
                     const c10::optional<at::Tensor>& found_inf, int64_t workspace_limit,
                     c10::string_view ns_algorithm, at::IntArrayRef gram_restarts,
-                    at::TensorList normuon_buffers, double normuon_beta2, double normuon_eps) {
+                    const c10::optional<at::TensorList>& normuon_list, double normuon_beta2,
+                   double normuon_eps) {
+  // None and [] both turn NorMuon off.
+  const at::TensorList normuon_buffers = normuon_list.has_value() ? *normuon_list : at::TensorList();
   resolve_workspace_limit(workspace_limit);  // a bad limit is rejected before any work
   const NsConfig ns = make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts);
   MuonStepArgs args{momentum,
