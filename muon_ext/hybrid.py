@@ -42,7 +42,8 @@ __all__ = ["MuonWithAdamW"]
 # is a mistake (e.g. ``momentum`` on an AdamW group, which is ``betas[0]`` there).
 _MUON_ONLY_KEYS = (
     "momentum", "nesterov", "ns_coefficients", "ns_steps", "adjust_lr_fn",
-    "num_heads", "split_sizes", "split_dim", "rms_target",
+    "num_heads", "split_sizes", "split_dim", "rms_target", "normuon", "normuon_beta2",
+    "normuon_eps",
 )
 _ADAMW_ONLY_KEYS = ("betas", "foreach", "amsgrad", "maximize")
 _ADAMW_PREFIX = "adamw_"
@@ -96,7 +97,7 @@ class MuonWithAdamW(Muon):
         params: param groups (dicts), each with ``use_muon``.
         lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
             fused, capturable, ns_algorithm, gram_restarts, num_heads, split_sizes, split_dim,
-            rms_target: defaults of the Muon groups, as in :class:`muon_ext.Muon`
+            rms_target, normuon, normuon_beta2, normuon_eps: defaults of the Muon groups, as in :class:`muon_ext.Muon`
             (``lr=0.02``, ``weight_decay=0.01`` here: Keller Jordan's recipe for
             ``adjust_lr_fn=None``; with ``"match_rms_adamw"`` use your AdamW lr and weight
             decay instead). ``capturable`` also applies to the AdamW groups.
@@ -146,12 +147,16 @@ class MuonWithAdamW(Muon):
         split_sizes: Sequence[int] | None = None,
         split_dim: int = 0,
         rms_target: float = DEFAULT_RMS_TARGET,
+        normuon: bool = False,
+        normuon_beta2: float = 0.95,
+        normuon_eps: float = 1e-8,
     ) -> None:
         muon_defaults = _muon_defaults(
             lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
             fused=fused, capturable=capturable, ns_algorithm=ns_algorithm,
             gram_restarts=gram_restarts, num_heads=num_heads, split_sizes=split_sizes,
-            split_dim=split_dim, rms_target=rms_target,
+            split_dim=split_dim, rms_target=rms_target, normuon=normuon,
+            normuon_beta2=normuon_beta2, normuon_eps=normuon_eps,
         )
         _validate_hyperparameters(muon_defaults, where="MuonWithAdamW")
         adamw_defaults = {
@@ -191,6 +196,9 @@ class MuonWithAdamW(Muon):
             split_sizes=split_sizes,
             split_dim=split_dim,
             rms_target=rms_target,
+            normuon=normuon,
+            normuon_beta2=normuon_beta2,
+            normuon_eps=normuon_eps,
             **distributed,
         )
         # ``defaults`` mirrors the constructor's arguments (``type(opt)(groups, **opt.defaults)``).

@@ -34,7 +34,15 @@ from .coefficients import (
     resolve_ns_coefficients,
     update_scale,
 )
-from .reference import block_view, orthogonalize, resolve_gram_restarts, validate_gram_restarts
+from .reference import (
+    block_view,
+    normuon_,
+    normuon_rows,
+    normuon_views,
+    orthogonalize,
+    resolve_gram_restarts,
+    validate_gram_restarts,
+)
 
 __all__ = ["FUSED_DTYPES", "Muon"]
 
@@ -80,6 +88,12 @@ class _Call:
     # it); for pure-PyTorch calls a list of the param's blocks, or None.
     blocks: list[Any] = None  # type: ignore[assignment]
     buffers: list[Tensor] = None  # type: ignore[assignment]  # each entry's momentum_buffer
+    # NorMuon on (else None): fused: each entry's (batch, rows) view of its param's NorMuon
+    # vector; pure-PyTorch: each param's flat vector (NOTE: [NorMuon state]).
+    normuon_views: list[Tensor] | None = None
+    # fused: entries whose NorMuon view goes through a copy (column blocks, which share a
+    # call with the other blocks of their param: the op refuses aliasing written tensors).
+    normuon_copy: list[bool] | None = None
 
     def __post_init__(self) -> None:
         if self.blocks is None:
@@ -101,6 +115,7 @@ def _muon_defaults(
     lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, *,
     fused, capturable, ns_algorithm="standard", gram_restarts=None,
     num_heads=None, split_sizes=None, split_dim=0, rms_target=DEFAULT_RMS_TARGET,
+    normuon=False, normuon_beta2=0.95, normuon_eps=1e-8,
 ) -> dict[str, Any]:
     """A Muon group's defaults: torch.optim.Muon's keys (so checkpoints interchange), plus ours."""
     return {
@@ -120,6 +135,9 @@ def _muon_defaults(
         "split_sizes": tuple(split_sizes) if isinstance(split_sizes, list) else split_sizes,
         "split_dim": split_dim,
         "rms_target": rms_target,
+        "normuon": normuon,
+        "normuon_beta2": normuon_beta2,
+        "normuon_eps": normuon_eps,
     }
 
 
@@ -133,11 +151,20 @@ _LATER_GROUP_KEYS: dict[str, Any] = {
     "split_sizes": None,
     "split_dim": 0,
     "rms_target": DEFAULT_RMS_TARGET,  # from before rms_target: torch's 0.2
+    "normuon": False,  # from before NorMuon
+    "normuon_beta2": 0.95,
+    "normuon_eps": 1e-8,
 }
 
 
 # Muon-only: not added to MuonWithAdamW's AdamW (use_muon=False) groups.
-_BLOCK_KEYS = ("num_heads", "split_sizes", "split_dim", "rms_target")
+_BLOCK_KEYS = (
+    "num_heads", "split_sizes", "split_dim", "rms_target", "normuon", "normuon_beta2",
+    "normuon_eps",
+)
+
+# State key of NorMuon's second moment (NOTE: [NorMuon state] in muon_ext/reference.py).
+NORMUON_STATE_KEY = "normuon_v"
 
 
 def _fill_later_keys(group: dict[str, Any]) -> None:
@@ -158,6 +185,37 @@ def _group_rules(group: dict[str, Any]) -> tuple:
         None if split_sizes is None else tuple(split_sizes),
         group.get("split_dim", 0),
         group.get("rms_target", DEFAULT_RMS_TARGET),
+        bool(group.get("normuon", False)),
+    )
+
+
+def _normuon_rows(p: Tensor, group: dict[str, Any]) -> int:
+    return normuon_rows(
+        p.shape, group.get("num_heads"), group.get("split_sizes"), group.get("split_dim", 0)
+    )
+
+
+def _normuon_state(state: dict[str, Any], p: Tensor, group: dict[str, Any]) -> Tensor | None:
+    """The param's NorMuon vector (created as zeros), or None with NorMuon off."""
+    if not group.get("normuon", False):
+        return None
+    v = state.get(NORMUON_STATE_KEY)
+    if v is None:
+        state[NORMUON_STATE_KEY] = v = torch.zeros(
+            _normuon_rows(p, group), dtype=momentum_dtype(p), device=p.device
+        )
+    return v
+
+
+def _normuon_mismatch(v: Tensor, p: Tensor, group: dict[str, Any], what: str) -> str | None:
+    rows = _normuon_rows(p, group)
+    if v.shape == (rows,) and v.device == p.device and v.dtype == momentum_dtype(p):
+        return None
+    return (
+        f"{NORMUON_STATE_KEY} of {what} has shape {tuple(v.shape)}, {v.dtype} on {v.device}; "
+        f"expected ({rows},), {momentum_dtype(p)} on {p.device}: one entry per row of each "
+        "matrix the param is orthogonalized as (a checkpoint saved with other num_heads / "
+        "split_sizes?)"
     )
 
 
@@ -234,6 +292,13 @@ class Muon(Optimizer):
     * ``rms_target`` (keyword-only group hyperparameter, checkpointed, default 0.2 as in torch):
       the constant of ``adjust_lr_fn="match_rms_adamw"`` (scale ``rms_target·sqrt(max(rows,
       cols))``); the other rules ignore it.
+    * NorMuon (keyword-only group hyperparameters, checkpointed): ``normuon=True`` normalizes
+      each orthogonalized matrix per row by a running second moment (state
+      ``"normuon_v"``, float32, one entry per row of each matrix: NOTE: [NorMuon state] in
+      ``muon_ext.reference``) with decay ``normuon_beta2`` (0.95) and ``normuon_eps`` (1e-8),
+      then restores the matrix's Frobenius norm, before the lr rule and weight decay. Rows are
+      those of each matrix: per head, per block, per expert. Not supported by the distributed
+      step yet.
     """
 
     _step_supports_amp_scaling = True
@@ -261,6 +326,9 @@ class Muon(Optimizer):
         split_sizes: Sequence[int] | None = None,
         split_dim: int = 0,
         rms_target: float = DEFAULT_RMS_TARGET,
+        normuon: bool = False,
+        normuon_beta2: float = 0.95,
+        normuon_eps: float = 1e-8,
     ) -> None:
         self.workspace_limit = _validate_workspace_limit(workspace_limit)
         # How the step runs, not hyperparameters: kept off param_groups, so checkpoints move
@@ -271,7 +339,8 @@ class Muon(Optimizer):
             lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
             fused=fused, capturable=capturable, ns_algorithm=ns_algorithm,
             gram_restarts=gram_restarts, num_heads=num_heads, split_sizes=split_sizes,
-            split_dim=split_dim, rms_target=rms_target,
+            split_dim=split_dim, rms_target=rms_target, normuon=normuon,
+            normuon_beta2=normuon_beta2, normuon_eps=normuon_eps,
         )
         _validate_hyperparameters(defaults, where="Muon")
         self._plans: dict[int, tuple[tuple, list[Tensor], list[_Call]]] = {}
@@ -315,6 +384,11 @@ class Muon(Optimizer):
             for pid, s in state_dict["state"].items()
             if isinstance(s, dict) and isinstance(s.get("momentum_buffer"), Tensor)
         }
+        saved_v = {
+            pid: s[NORMUON_STATE_KEY]
+            for pid, s in state_dict["state"].items()
+            if isinstance(s, dict) and isinstance(s.get(NORMUON_STATE_KEY), Tensor)
+        }
         super().load_state_dict(state_dict)
         own = list(chain.from_iterable(g["params"] for g in self.param_groups))
         for pid, p in zip(saved_ids, own, strict=False):
@@ -328,6 +402,10 @@ class Muon(Optimizer):
                 self.state[p]["momentum_buffer"] = buf.to(
                     device=p.device, dtype=momentum_dtype(p), memory_format=torch.contiguous_format
                 ).clone()
+            if pid in saved_v:  # its length is checked against the group's blocks at the step
+                self.state[p][NORMUON_STATE_KEY] = saved_v[pid].to(
+                    device=p.device, dtype=momentum_dtype(p)
+                ).contiguous().clone()
         for group in self.param_groups:
             _fill_later_keys(group)
         self._plans = {}
@@ -365,6 +443,7 @@ class Muon(Optimizer):
                     _momentum_mismatch(buf, p, _describe(group.get("param_names"), index, pos))
                 )
             momentum_buffers.append(buf)
+            _normuon_state(state, p, group)
 
     def _check_group_for_step(self, group: dict[str, Any], index: int) -> None:
         """Everything that could make the step fail, checked before any state is touched.
@@ -427,6 +506,10 @@ class Muon(Optimizer):
                     raise RuntimeError(_momentum_mismatch(buf, p, what))
             if problem := _block_problem(p, group):
                 raise ValueError(f"{what}: {problem}")
+            v = self.state.get(p, {}).get(NORMUON_STATE_KEY)
+            if group.get("normuon", False) and v is not None and not torch.compiler.is_compiling():
+                if problem := _normuon_mismatch(v, p, group, what):
+                    raise RuntimeError(problem)
             if group["fused"] and not _fused_supported(p):
                 raise RuntimeError(
                     f"fused=True but the fused step does not support {what} "
@@ -514,7 +597,8 @@ class Muon(Optimizer):
             grads: list[Tensor] = []
             bufs: list[Tensor] = []
             self._init_group(group, params, grads, bufs)
-            calls = _make_calls(group, params, bufs) if params else []
+            vs = _normuon_list(self.state, params, group)
+            calls = _make_calls(group, params, bufs, vs) if params else []
         else:
             params, grads = pending
             calls = self._plan(index, group, params) if params else []
@@ -545,7 +629,7 @@ class Muon(Optimizer):
         cached = self._plans.get(index)
         if cached is not None and cached[0] == key and _same_buffers(cached[1], state, params):
             return cached[2]
-        bufs = []
+        bufs: list[Any] = []
         for p in params:
             st = state[p]
             buf = st.get("momentum_buffer")
@@ -554,8 +638,10 @@ class Muon(Optimizer):
                     p, dtype=momentum_dtype(p), memory_format=torch.contiguous_format
                 )
             bufs.append(buf)
-        calls = _make_calls(group, params, bufs)
-        self._plans[index] = (key, bufs, calls)
+        vs = _normuon_list(state, params, group)
+        calls = _make_calls(group, params, bufs, vs)
+        # The state tensors the plan's views point into: momentum, and NorMuon's v if on.
+        self._plans[index] = (key, bufs if vs is None else list(zip(bufs, vs)), calls)
         return calls
 
     def workspace_bytes(self) -> int:
@@ -586,9 +672,24 @@ class Muon(Optimizer):
         return most
 
 
-def _same_buffers(bufs: list[Tensor], state: Any, params: list[Tensor]) -> bool:
-    """Whether the cached momentum buffers are still the params' state (a user may replace it)."""
-    return all(state[p].get("momentum_buffer") is b for p, b in zip(params, bufs))
+def _same_buffers(bufs: list[Any], state: Any, params: list[Tensor]) -> bool:
+    """Whether the cached state tensors are still the params' state (a user may replace it):
+    momentum buffers, or (momentum buffer, NorMuon vector) pairs with NorMuon on."""
+    for p, b in zip(params, bufs):
+        st = state[p]
+        if isinstance(b, tuple):
+            if st.get("momentum_buffer") is not b[0] or st.get(NORMUON_STATE_KEY) is not b[1]:
+                return False
+        elif st.get("momentum_buffer") is not b:
+            return False
+    return True
+
+
+def _normuon_list(state: Any, params: list[Tensor], group: dict[str, Any]) -> list[Tensor] | None:
+    """Each param's NorMuon vector (created as zeros if missing), or None with NorMuon off."""
+    if not group.get("normuon", False):
+        return None
+    return [_normuon_state(state[p], p, group) for p in params]  # type: ignore[misc]
 
 
 # NOTE: [Matrix blocks]
@@ -608,8 +709,15 @@ def _same_buffers(bufs: list[Tensor], state: Any, params: list[Tensor]) -> bool:
 # params). The elementwise part of the step is the same for every block, and the op's result
 # for a matrix does not depend on the other matrices of its call, so the result equals
 # stepping the blocks as separate params (tested bit for bit).
-def _make_calls(group: dict[str, Any], params: list[Tensor], bufs: list[Tensor]) -> list[_Call]:
-    """Partitions a group's params by (device, dtype, fused) into calls, with their views."""
+def _make_calls(
+    group: dict[str, Any],
+    params: list[Tensor],
+    bufs: list[Tensor],
+    vs: list[Tensor] | None = None,
+) -> list[_Call]:
+    """Partitions a group's params by (device, dtype, fused) into calls, with their views.
+
+    ``vs``: each param's NorMuon vector, or None with NorMuon off."""
     partitions: dict[tuple, list[int]] = {}
     for i, p in enumerate(params):
         fused = _takes_fused_step(p, group)
@@ -628,6 +736,7 @@ def _make_calls(group: dict[str, Any], params: list[Tensor], bufs: list[Tensor])
             calls.append(_Call(
                 idx, scales, False, shapes, [None] * len(idx), [bufs[i] for i in idx],
                 blocks_per, [bufs[i] for i in idx],
+                None if vs is None else [vs[i] for i in idx],
             ))
             continue
         # One entry per op tensor: a param's matrix view, or each of its blocks. The op refuses
@@ -639,15 +748,20 @@ def _make_calls(group: dict[str, Any], params: list[Tensor], bufs: list[Tensor])
             blocks = _param_blocks(p, group)
             if blocks is None:
                 shape = matrix_shape(p.shape)
+                v = None if vs is None else normuon_views(vs[i], [shape])[0]
                 entry = (i, None, shape, p.view(shape) if p.is_contiguous() else None,
-                         b.view(shape))
+                         b.view(shape), v)
                 _add_to_round(rounds, 0, entry)
                 continue
             views = 0
-            for block in blocks:
+            block_shapes = [block.matrix_shape(p.shape) for block in blocks]
+            v_views = (
+                [None] * len(blocks) if vs is None else normuon_views(vs[i], block_shapes)
+            )
+            for block, shape, v in zip(blocks, block_shapes, v_views):
                 pv, mv = block_view(p, block), block_view(b, block)
-                entry = (i, block, block.matrix_shape(p.shape),
-                         pv if pv.is_contiguous() else None, mv if mv.is_contiguous() else None)
+                entry = (i, block, shape,
+                         pv if pv.is_contiguous() else None, mv if mv.is_contiguous() else None, v)
                 if entry[3] is None and entry[4] is None:
                     _add_to_round(rounds, 0, entry)  # stepped through copies: no aliasing
                 else:
@@ -665,6 +779,8 @@ def _make_calls(group: dict[str, Any], params: list[Tensor], bufs: list[Tensor])
                 [e[4] for e in entries],
                 [e[1] for e in entries],
                 [bufs[e[0]] for e in entries],
+                None if vs is None else [e[5] for e in entries],
+                None if vs is None else [e[3] is None and e[4] is None for e in entries],
             ))
     return calls
 
@@ -797,7 +913,7 @@ def _run_call(
     if not call.fused:
         _single_tensor_muon(
             ps, gs, call.momentum_views, group, schedule, call.update_scales, grad_scale,
-            found_inf, call.blocks,
+            found_inf, call.blocks, call.normuon_views,
         )
         return
     device = ps[0].device
@@ -815,6 +931,11 @@ def _run_call(
     for g, block, shape in zip(gs, call.blocks, call.shapes):
         v = _entry_view(g, block, shape)
         grad_views.append(v if v.is_contiguous() else v.contiguous())
+    normuon = None
+    if call.normuon_views is not None:
+        normuon = [
+            v.clone() if copy else v for v, copy in zip(call.normuon_views, call.normuon_copy)  # type: ignore[arg-type]
+        ]
     ops.muon_step_(
         work,
         grad_views,
@@ -831,7 +952,14 @@ def _run_call(
         -1 if workspace_limit is None else workspace_limit,
         group["ns_algorithm"],
         resolve_gram_restarts(group["gram_restarts"], len(schedule)),
+        normuon or (),
+        group.get("normuon_beta2", 0.95),
+        group.get("normuon_eps", 1e-8),
     )
+    if normuon is not None:
+        for v, copy, w in zip(call.normuon_views, call.normuon_copy, normuon):  # type: ignore[arg-type]
+            if copy:
+                v.copy_(w)
     for v, p, w, block in zip(call.param_views, ps, work, call.blocks):
         if v is None:
             if block is None:
@@ -853,8 +981,11 @@ def _single_tensor_muon(
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
     blocks: list[list[MatrixBlock] | None] | None = None,
+    normuon_vectors: list[Tensor] | None = None,
 ) -> None:
     """Pure-PyTorch per-parameter loop (float64 params, devices without the extension).
+
+    ``normuon_vectors``: each param's flat NorMuon vector (NOTE: [NorMuon state]), or None.
 
     ``blocks[i]``: the matrix blocks of ``params[i]`` (NOTE: [Matrix blocks]), each
     orthogonalized on its own with its scale from the list ``update_scales[i]``; None: one
@@ -872,7 +1003,12 @@ def _single_tensor_muon(
     beta, wd = group["momentum"], group["weight_decay"]
     if blocks is None:
         blocks = [None] * len(params)
-    for p, g, buf, scale, param_blocks in zip(params, grads, bufs, update_scales, blocks):
+    if normuon_vectors is None:
+        normuon_vectors = [None] * len(params)  # type: ignore[list-item]
+    beta2, nu_eps = group.get("normuon_beta2", 0.95), group.get("normuon_eps", 1e-8)
+    for p, g, buf, scale, param_blocks, nv in zip(
+        params, grads, bufs, update_scales, blocks, normuon_vectors
+    ):
         if p.numel() == 0:
             continue
         g = g.to(buf.dtype)
@@ -883,7 +1019,9 @@ def _single_tensor_muon(
         ns_dtype = torch.float32 if p.device.type == "cpu" else torch.bfloat16
         if param_blocks is not None:
             p.mul_(1 - lr * wd)
-            for block, block_scale in zip(param_blocks, scale):
+            shapes = [b.matrix_shape(p.shape) for b in param_blocks]
+            vs = [None] * len(shapes) if nv is None else normuon_views(nv, shapes)
+            for block, block_scale, v in zip(param_blocks, scale, vs):
                 # Contiguous, as a separate param's update would be: the same reductions.
                 u = block_view(update, block).contiguous()
                 x = orthogonalize(
@@ -893,6 +1031,8 @@ def _single_tensor_muon(
                     ),
                     gram_restarts=group["gram_restarts"],
                 )
+                if v is not None:
+                    x = normuon_(x.to(v.dtype), v, beta2, nu_eps)
                 block_view(p, block).add_(x.to(p.dtype), alpha=-lr * block_scale)
             continue
         _, rows, cols = matrix_shape(p.shape)
@@ -901,6 +1041,8 @@ def _single_tensor_muon(
             algorithm=resolve_ns_algorithm(group["ns_algorithm"], rows, cols, p.device.type),
             gram_restarts=group["gram_restarts"],
         )
+        if nv is not None:
+            x = normuon_(x.to(nv.dtype), normuon_views(nv, [x.shape])[0], beta2, nu_eps)
         p.mul_(1 - lr * wd)
         p.add_(x.reshape(p.shape).to(p.dtype), alpha=-lr * scale)
 
@@ -974,14 +1116,27 @@ def _validate_hyperparameters(
     rms_target = group.get("rms_target", DEFAULT_RMS_TARGET)
     if not _is_real(rms_target) or not (math.isfinite(rms_target) and rms_target > 0.0):
         raise ValueError(f"{where}: rms_target must be a finite number > 0, got {rms_target!r}")
+    if not isinstance(group.get("normuon", False), bool):
+        raise ValueError(f"{where}: normuon must be a bool, got {group['normuon']!r}")
+    beta2 = group.get("normuon_beta2", 0.95)
+    if not _is_real(beta2) or not (0.0 <= beta2 < 1.0):
+        raise ValueError(f"{where}: normuon_beta2 must be a number in [0, 1), got {beta2!r}")
+    nu_eps = group.get("normuon_eps", 1e-8)
+    if not _is_real(nu_eps) or not (math.isfinite(nu_eps) and nu_eps > 0.0):
+        raise ValueError(f"{where}: normuon_eps must be a finite number > 0, got {nu_eps!r}")
 
 
 def _refuse_distributed_blocks(optimizer: Any, group: dict[str, Any], index: int) -> None:
     """The distributed step (FSDP2 DTensor params, distributed_mode="owner") has no matrix
     blocks yet: a group that sets them is refused there rather than stepped as whole matrices."""
-    if not blocking_requested(group.get("num_heads"), group.get("split_sizes")):
-        return
     if not _distributed.wanted(optimizer, group):
+        return
+    if group.get("normuon", False):
+        raise NotImplementedError(
+            f"param_groups[{index}] sets normuon=True, which the distributed step (FSDP2 DTensor "
+            "params or distributed_mode='owner') does not support yet"
+        )
+    if not blocking_requested(group.get("num_heads"), group.get("split_sizes")):
         return
     setting = "num_heads" if group.get("num_heads") is not None else "split_sizes"
     raise NotImplementedError(

@@ -23,6 +23,9 @@ __all__ = [
     "gram_newton_schulz",
     "matrix_view",
     "muon_step_reference",
+    "normuon_",
+    "normuon_rows",
+    "normuon_views",
     "orthogonalize",
     "standard_flops",
     "default_gram_restarts",
@@ -195,6 +198,54 @@ def orthogonalize(
     return X.squeeze(0) if squeeze else X
 
 
+# NOTE: [NorMuon state]
+# NorMuon's second moment v has one float32 entry per row of each orthogonalized matrix, in the
+# param's orientation: a flat vector, matrix after matrix in the order blocks_of gives them (a
+# 3-D stack: expert after expert; blocks: block after block, head after head). For a plain 2-D
+# weight, and for row blocks / heads of one, entry i is row i of the weight; column blocks have
+# a full set of rows each. Flat, so that one layout serves every blocking.
+def normuon_rows(
+    shape: Sequence[int],
+    num_heads: int | None = None,
+    split_sizes: Sequence[int] | None = None,
+    split_dim: int = 0,
+) -> int:
+    """Length of the NorMuon second-moment vector of a param of ``shape`` (NOTE: [NorMuon state])."""
+    if not blocking_requested(num_heads, split_sizes):
+        batch, rows, _ = matrix_shape(shape)
+        return batch * rows
+    total = 0
+    for b in matrix_blocks(shape, num_heads, split_sizes, split_dim):
+        heads, rows, _ = b.matrix_shape(shape)
+        total += heads * rows
+    return total
+
+
+def normuon_views(v: Tensor, shapes: Sequence[tuple[int, int, int]]) -> list[Tensor]:
+    """The (batch, rows) views of a flat NorMuon vector for matrices of these (batch, rows, cols)
+    shapes, in order (NOTE: [NorMuon state])."""
+    views, offset = [], 0
+    for batch, rows, _ in shapes:
+        views.append(v.narrow(0, offset, batch * rows).view(batch, rows))
+        offset += batch * rows
+    if offset != v.numel():
+        raise ValueError(f"a NorMuon vector of {v.numel()} entries for matrices of {offset} rows")
+    return views
+
+
+def normuon_(o: Tensor, v: Tensor, beta2: float, eps: float) -> Tensor:
+    """NorMuon on orthogonalized matrices ``o`` (B, rows, cols): updates ``v`` (B, rows) in place
+    and returns ``f * O / (sqrt(v) + eps)`` (row-wise), where f restores each matrix's Frobenius
+    norm (0 for a zero matrix). In ``o``'s dtype (the formula of NOTE: [NorMuon] in
+    csrc/muon_step_args.h). ``v`` is stored in its own dtype and read back, as the ops do."""
+    q = o.square().sum(dim=-1)
+    v.copy_((beta2 * v.to(o.dtype) + (1 - beta2) * q / o.size(-1)).to(v.dtype))
+    s = 1 / (v.to(o.dtype).sqrt() + eps)
+    num, den = q.sum(dim=-1), (s * s * q).sum(dim=-1)
+    f = torch.where(den > 0, (num / torch.where(den > 0, den, 1)).sqrt(), 0)
+    return o * (f[:, None] * s)[..., None]
+
+
 def standard_flops(m: int, n: int, num_iterations: int) -> int:
     """GEMM FLOPs (2·m·k·n per product) of standard Newton-Schulz on one m x n matrix.
 
@@ -257,6 +308,9 @@ def muon_step_reference(
     num_heads: int | None = None,
     split_sizes: Sequence[int] | None = None,
     split_dim: int = 0,
+    normuon_buffers: Sequence[Tensor] | None = None,
+    normuon_beta2: float = 0.95,
+    normuon_eps: float = 1e-8,
 ) -> None:
     """One Muon step, in place on ``params`` and ``momentum_buffers`` (never on ``grads``).
 
@@ -269,12 +323,19 @@ def muon_step_reference(
     blocks :func:`blocks_of` gives (the same settings for every param). An entry of
     ``update_scales`` is then either one float for all of its param's blocks or a sequence
     with one float per block.
+
+    ``normuon_buffers``: one flat NorMuon vector per param (NOTE: [NorMuon state]), updated in
+    place; each orthogonalized matrix goes through :func:`normuon_` (in ``compute_dtype``).
     """
     if found_inf is not None and float(found_inf) != 0.0:
         return
     ns_dtype = compute_dtype if ns_dtype is None else ns_dtype
     lr = float(lr)
-    for p, g, m, scale in zip(params, grads, momentum_buffers, update_scales, strict=True):
+    if normuon_buffers is None:
+        normuon_buffers = [None] * len(params)
+    for p, g, m, scale, nv in zip(
+        params, grads, momentum_buffers, update_scales, normuon_buffers, strict=True
+    ):
         if p.numel() == 0:
             continue
         gd = g.to(compute_dtype)
@@ -282,25 +343,31 @@ def muon_step_reference(
             gd = gd / grad_scale.to(compute_dtype)
         md = m.to(compute_dtype).lerp(gd, 1 - momentum)
         u = gd.lerp(md, momentum) if nesterov else md
+        views = blocks_of(u, num_heads, split_sizes, split_dim)
+        vs = None if nv is None else normuon_views(nv, [tuple(x.shape) for x in views])
         if not blocking_requested(num_heads, split_sizes):
             x = orthogonalize(
                 matrix_view(u), ns_coefficients, eps, ns_dtype,
                 algorithm=ns_algorithm, gram_restarts=gram_restarts,
             ).to(compute_dtype)
+            if vs is not None:
+                x = normuon_(x, vs[0], normuon_beta2, normuon_eps)
             pd = p.to(compute_dtype) * (1 - lr * weight_decay) - (lr * scale) * x.reshape(p.shape)
         else:
-            views = blocks_of(u, num_heads, split_sizes, split_dim)
             scales = [scale] * len(views) if isinstance(scale, (int, float)) else list(scale)
             if len(scales) != len(views):
                 raise ValueError(
                     f"update_scales: {len(scales)} scales for a param of {len(views)} blocks"
                 )
             pd = p.to(compute_dtype) * (1 - lr * weight_decay)
-            for view, out, s in zip(views, blocks_of(pd, num_heads, split_sizes, split_dim), scales):
+            outs = blocks_of(pd, num_heads, split_sizes, split_dim)
+            for k, (view, out, s) in enumerate(zip(views, outs, scales)):
                 x = orthogonalize(
                     view.contiguous(), ns_coefficients, eps, ns_dtype,
                     algorithm=ns_algorithm, gram_restarts=gram_restarts,
                 ).to(compute_dtype)
+                if vs is not None:
+                    x = normuon_(x, vs[k], normuon_beta2, normuon_eps)
                 out.sub_((lr * s) * x)
         p.copy_(pd)
         m.copy_(md)
