@@ -510,7 +510,7 @@ class Muon(Optimizer):
             if group.get("normuon", False) and v is not None and not torch.compiler.is_compiling():
                 if problem := _normuon_mismatch(v, p, group, what):
                     raise RuntimeError(problem)
-            if group["fused"] and not _fused_supported(p):
+            if group["fused"] and not _fused_supported(p, group):
                 raise RuntimeError(
                     f"fused=True but the fused step does not support {what} "
                     f"({p.dtype} on {p.device}); use fused=None to fall back automatically"
@@ -805,14 +805,17 @@ def _momentum_mismatch(buf: Tensor, p: Tensor, what: str) -> str:
     )
 
 
-def _fused_supported(p: Tensor) -> bool:
-    """Whether the built extension has a fused step for ``p``'s dtype and device."""
+def _fused_supported(p: Tensor, group: dict[str, Any]) -> bool:
+    """Whether the built extension has a fused step for ``p``'s dtype and device (and, with
+    NorMuon, device: the CUDA step has no NorMuon yet, so such params take the pure loop)."""
+    if group.get("normuon", False) and p.device.type != "cpu":
+        return False
     return p.dtype in FUSED_DTYPES and _fused_device_supported(p.device)
 
 
 def _takes_fused_step(p: Tensor, group: dict[str, Any]) -> bool:
     """Whether ``p`` is stepped by the fused op (else by ``_single_tensor_muon``)."""
-    return group["fused"] is not False and _fused_supported(p)
+    return group["fused"] is not False and _fused_supported(p, group)
 
 
 def _capturable_problem(p: Tensor, group: dict[str, Any]) -> str | None:
@@ -1162,7 +1165,7 @@ def _validate_params(group: dict[str, Any], index: int) -> None:
             raise ValueError(f"Muon needs floating-point parameters: {what} is {p.dtype}")
         if problem := _block_problem(p, group):
             raise ValueError(f"{what}: {problem}")
-        if group["fused"] and not _fused_supported(p):
+        if group["fused"] and not _fused_supported(p, group):
             raise ValueError(
                 f"fused=True but the fused step does not support {what} ({p.dtype} on "
                 f"{p.device}); build info: {__import__('muon_ext').build_info()}"
