@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="Newton-Schulz algorithm(s) of muon_ext's rows, step and ns (default: standard); "
         "each gets its own row, named muon_ext[gram] etc., floored by its own FLOPs",
     )
+    g.add_argument(
+        "--normuon",
+        action="store_true",
+        help="also a muon_ext[normuon] row (standard NS, normuon=True), next to muon_ext's",
+    )
     g = p.add_argument_group("Newton-Schulz alone (ns)")
     g.add_argument(
         "--shapes", nargs="+", metavar="MxN", help="matrix shapes (default: the model buckets)"
@@ -263,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             profiler_range=args.profiler_range,
             memory=not args.no_memory,
             ns_algorithms=args.algorithm,
+            normuon=args.normuon,
             log=lambda s: print(s, flush=True),
         )
         record["rows"] += rows

@@ -53,6 +53,7 @@ class StepConfig:
     schedule: list[Triple] = field(default_factory=lambda: [JORDAN] * 5)
     adjust_lr_fn: str | None = None
     ns_algorithm: str = "standard"  # muon_ext only; the baselines run standard NS
+    normuon: bool = False  # muon_ext only: NorMuon on (a different update: not a baseline)
 
 
 def compile_static(fn: Callable) -> Callable:
@@ -242,6 +243,7 @@ def _muon_ext(params: list[Tensor], grads: list[Tensor], cfg: StepConfig) -> Cal
         adjust_lr_fn=cfg.adjust_lr_fn,
         fused=True,
         ns_algorithm=cfg.ns_algorithm,
+        normuon=cfg.normuon,
     )
     return opt.step
 

@@ -100,11 +100,14 @@ def run_step_bench(
     profiler_range: bool = False,
     memory: bool = True,
     ns_algorithms: Sequence[str] = ("standard",),
+    normuon: bool = False,
     log: Callable[[str], None] = print,
 ) -> tuple[list[dict], dict[str, dict]]:
     """One row per suite and implementation; muon_ext gets one row per Newton-Schulz
     algorithm in ``ns_algorithms`` (named ``muon_ext[gram]`` etc.), its floor from that
-    algorithm's FLOPs. The baselines run standard NS."""
+    algorithm's FLOPs. The baselines run standard NS. ``normuon``: one more muon_ext row,
+    ``muon_ext[normuon]`` (standard NS, NorMuon on: its update differs by design, so its
+    update_rel_diff measures NorMuon, not an error)."""
     schedule = resolve_ns_coefficients(preset, 5)
     rows: list[dict] = []
     infos: dict[str, dict] = {}
@@ -115,18 +118,21 @@ def run_step_bench(
         shapes = suite.shapes()
         ref_delta: list[torch.Tensor] | None = None
         runs = [
-            (impl, alg)
+            (impl, alg, False)
             for impl in impls
             for alg in (ns_algorithms if impl == "muon_ext" else ("standard",))
         ]
-        for impl, alg in runs:
-            cfg = StepConfig(schedule=schedule, ns_algorithm=alg)
+        if normuon and "muon_ext" in impls:
+            at = max(i for i, r in enumerate(runs) if r[0] == "muon_ext") + 1
+            runs.insert(at, ("muon_ext", "standard", True))
+        for impl, alg, nu in runs:
+            cfg = StepConfig(schedule=schedule, ns_algorithm=alg, normuon=nu)
             alg_flops = ns_flops(shapes, len(schedule), alg, device.type)
             alg_ns_floor = alg_flops / peaks["matmul_flops"] * 1e3
             row = {
                 "bench": "step",
                 "suite": suite.name,
-                "impl": impl_label(impl, alg),
+                "impl": impl_label(impl, alg) + ("[normuon]" if nu else ""),
                 "ns_algorithm": alg,
                 "ns_flops": alg_flops,
                 "preset": preset,
