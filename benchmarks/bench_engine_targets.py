@@ -2,6 +2,7 @@
 
     python benchmarks/bench_engine_targets.py mem 96    # peak extra RSS of a step, 96 x 512x2048 fp32
     python benchmarks/bench_engine_targets.py host      # Muon.step vs AdamW(fused=True), 500 x 4x4
+    python benchmarks/bench_engine_targets.py normuon cpu_small   # step with normuon on vs off
 
 Compare two builds by running each with PYTHONPATH pointing at its tree, interleaved. ``mem``
 creates the momentum state up front, so the process's peak-RSS growth across the one step
@@ -60,7 +61,38 @@ def host(n: int = 500) -> dict:
     return {"what": "host", "muon_ms": m, "adamw_fused_ms": a, "ratio": m / a}
 
 
+def normuon(suite_name: str, steps: int = 15) -> dict:
+    """The fused step of a bench suite with NorMuon off and on, interleaved step by step (two
+    optimizers over two copies of the same params and grads), medians of ``steps`` each."""
+    from muon_ext.benchmarking.shapes import get_suite
+
+    shapes = get_suite(suite_name).shapes()
+
+    def make(on: bool) -> Muon:
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        return Muon(ps, lr=0.02, normuon=on)
+
+    off, on = make(False), make(True)
+    for o in (off, on):
+        o.step()
+    t_off, t_on = [], []
+    for _ in range(steps):
+        for o, ts in ((off, t_off), (on, t_on)):
+            t0 = time.perf_counter()
+            o.step()
+            ts.append(time.perf_counter() - t0)
+    a, b = statistics.median(t_off) * 1e3, statistics.median(t_on) * 1e3
+    return {"what": "normuon", "suite": suite_name, "threads": torch.get_num_threads(),
+            "off_ms": a, "on_ms": b, "ratio": b / a, "steps": steps}
+
+
 if __name__ == "__main__":
-    torch.set_num_threads(1)
     what = sys.argv[1] if len(sys.argv) > 1 else "host"
+    if what == "normuon":
+        print(json.dumps(normuon(sys.argv[2] if len(sys.argv) > 2 else "cpu_small")))
+        sys.exit(0)
+    torch.set_num_threads(1)
     print(json.dumps(mem(int(sys.argv[2])) if what == "mem" else host()))
