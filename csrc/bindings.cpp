@@ -29,6 +29,19 @@ TORCH_LIBRARY(muon_ext, m) {
       "Tensor? found_inf=None, int workspace_limit=-1, str ns_algorithm=\"standard\", "
       "int[] gram_restarts=[2], Tensor(c!)[]? normuon_buffers=None, float normuon_beta2=0.95, "
       "float normuon_eps=1e-08) -> ()");
+  // The phases of muon_step_ as ops of their own, on packed buffers: see NOTE: [Phase ops] in
+  // csrc/muon_step_args.h.
+  m.def(
+      "muon_momentum_(Tensor[] grads, Tensor(a!)[] momentum_buffers, float momentum, "
+      "bool nesterov, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(b!)? out=None) "
+      "-> ()");
+  m.def(
+      "muon_orthogonalize_(Tensor(a!) x, int[] shapes, float[] ns_coefficients, float eps, "
+      "str ns_algorithm=\"standard\", int[] gram_restarts=[2], int workspace_limit=-1) -> ()");
+  m.def(
+      "muon_update_(Tensor(a!)[] params, Tensor x, Tensor lr, float weight_decay, "
+      "float[] update_scales, Tensor? found_inf=None) -> ()");
+  m.def("muon_copy_blocks_(Tensor src, Tensor(a!) dst, int[] blocks) -> ()");
   // Bytes of scratch memory muon_step_ would allocate for these params (3-D views as for the
   // step) under `workspace_limit` (-1: the default; see NOTE: [Workspace budget]).
   m.def(
@@ -69,9 +82,33 @@ py::dict build_info() {
   return d;
 }
 
+// The per-step host facts of a group's params (NOTE: [Cached plan] in muon_ext/optim.py), in one
+// C++ pass instead of several attribute reads per param in Python: the index of the first grad
+// whose shape, dtype or device differs from its param's or that is sparse (-1: none), and a hash
+// of the params' data pointers (a `p.data = ...` swap changes it).
+py::tuple step_facts(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads) {
+  TORCH_CHECK(params.size() == grads.size(), "step_facts: params and grads differ in length");
+  int64_t bad = -1;
+  uint64_t hash = 1469598103934665603ull;  // FNV-1a over the pointers
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    const at::Tensor& g = grads[i];
+    if (bad < 0 && (g.is_sparse() || g.sizes() != p.sizes() || g.scalar_type() != p.scalar_type() ||
+                    g.device() != p.device())) {
+      bad = static_cast<int64_t>(i);
+    }
+    const uint64_t ptr = reinterpret_cast<uintptr_t>(p.has_storage() ? p.data_ptr() : nullptr);
+    hash = (hash ^ ptr) * 1099511628211ull;
+  }
+  return py::make_tuple(bad, static_cast<int64_t>(hash >> 1));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "muon_ext compiled core: registers torch.ops.muon_ext.* and reports build info";
   m.def("build_info", &build_info, "How this extension was built (torch, CUDA, cuBLAS, archs)");
+  m.def("step_facts", &step_facts,
+        "(index of the first grad not matching its param or -1, hash of the params' data "
+        "pointers)");
 }

@@ -105,6 +105,56 @@ void check_muon_step_args(
 
 void check_ns_coefficients(const std::vector<double>& ns_coefficients, double eps);
 
+// NOTE: [Phase ops]
+// The step's phases are also ops of their own, so that a driver can put collectives between
+// them (muon_ext/distributed.py) while muon_step_ runs the same passes in one call:
+//   muon_momentum_(grads, momentum_buffers, momentum, nesterov, grad_scale, found_inf, out)
+//       phase 1: M = lerp(M, G / s, 1 - beta), and U (Nesterov or M) packed into `out`
+//   muon_orthogonalize_(x, shapes, ns_coefficients, eps, ns_algorithm, gram_restarts, limit)
+//       phase 2-3 in place: each matrix of x to NS(U / max(||U||_F, eps)), per shape bucket,
+//       in workspace-sized chunks (NOTE: [Workspace budget])
+//   muon_update_(params, x, lr, weight_decay, update_scales, found_inf)
+//       phase 4: P = P (1 - lr wd) - lr scale_i X_i
+//   muon_copy_blocks_(src, dst, blocks)
+//       packing: strided 2-D blocks from one flat buffer to another (shards <-> whole matrices)
+// "Packed" means one contiguous 1-D float32 tensor holding tensor after tensor in list order,
+// each row-major in its own shape (matrices in the param's orientation, never transposed).
+// Momentum and update are elementwise and take tensors of any shape (a shard, a whole param);
+// only orthogonalize needs matrix shapes: a flat list of (batch, rows, cols) triples that
+// partitions x. Given the same inputs, the ops compute exactly what muon_step_ computes (the
+// same float expressions, the same fixed-order norms), so a driver built on them reproduces the
+// single-process step bit for bit. With found_inf != 0 momentum and update change nothing.
+
+// Checks of muon_momentum_ (names every offending argument); returns the packed length.
+int64_t check_momentum_args(at::TensorList grads, at::TensorList momentum_buffers,
+                            double momentum, const c10::optional<at::Tensor>& grad_scale,
+                            const c10::optional<at::Tensor>& found_inf,
+                            const c10::optional<at::Tensor>& out, c10::DeviceType device_type);
+
+// Checks of muon_orthogonalize_; returns x's segments as (batch, rows, cols) views.
+std::vector<at::Tensor> orthogonalize_segments(const at::Tensor& x, at::IntArrayRef shapes,
+                                               c10::DeviceType device_type);
+
+// Checks of muon_update_.
+void check_update_args(at::TensorList params, const at::Tensor& x, const at::Tensor& lr,
+                       double weight_decay, at::ArrayRef<double> update_scales,
+                       const c10::optional<at::Tensor>& found_inf, c10::DeviceType device_type);
+
+// One strided 2-D block of muon_copy_blocks_: rows x width elements from src[src_offset +
+// r * src_stride + c] to dst[dst_offset + r * dst_stride + c].
+struct CopyBlock {
+  int64_t src_offset, src_stride, dst_offset, dst_stride, rows, width;
+};
+constexpr int64_t kCopyBlockFields = 6;
+
+// Checks of muon_copy_blocks_ (bounds included); returns the blocks.
+std::vector<CopyBlock> check_copy_blocks_args(const at::Tensor& src, const at::Tensor& dst,
+                                              at::IntArrayRef blocks,
+                                              c10::DeviceType device_type);
+
+// Offsets of each tensor in the packed layout of `tensors` (plus the total at the end).
+std::vector<int64_t> packed_offsets(at::TensorList tensors);
+
 // Groups non-empty tensors by (m, n), buckets in order of first appearance (deterministic).
 std::vector<Bucket> make_buckets(at::TensorList params);
 

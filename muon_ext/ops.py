@@ -14,7 +14,16 @@ from torch import Tensor
 
 from ._extension import extension_available, require_extension
 
-__all__ = ["DEFAULT_WORKSPACE_LIMIT", "muon_step_", "muon_step_workspace_bytes", "newton_schulz"]
+__all__ = [
+    "DEFAULT_WORKSPACE_LIMIT",
+    "muon_copy_blocks_",
+    "muon_momentum_",
+    "muon_orthogonalize_",
+    "muon_step_",
+    "muon_step_workspace_bytes",
+    "muon_update_",
+    "newton_schulz",
+]
 
 # Bytes of Newton-Schulz scratch a step may allocate unless told otherwise: 128 MiB (the
 # reasoning is in csrc/muon_step_args.h, NOTE: [Workspace budget]).
@@ -72,6 +81,69 @@ def muon_step_(
     )
 
 
+# ---------------------------------------------------------------------- the phases on their own
+# NOTE: [Phase ops] in csrc/muon_step_args.h. "Packed": one contiguous 1-D float32 tensor holding
+# tensor after tensor in list order, each row-major in its own shape.
+
+
+def muon_momentum_(
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    momentum: float,
+    nesterov: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    out: Tensor | None = None,
+) -> None:
+    """Phase 1: ``M = lerp(M, G / grad_scale, 1 - momentum)`` for tensors of any shape, and
+    ``U`` (``lerp(G', M, momentum)`` with Nesterov, else ``M``) packed into ``out`` if given.
+    With ``found_inf != 0`` nothing is written."""
+    torch.ops.muon_ext.muon_momentum_(
+        list(grads), list(momentum_buffers), float(momentum), bool(nesterov), grad_scale,
+        found_inf, out,
+    )
+
+
+def muon_orthogonalize_(
+    x: Tensor,
+    shapes: Sequence[int],
+    ns_coefficients: Sequence[float],
+    eps: float = 1e-7,
+    ns_algorithm: str = "standard",
+    gram_restarts: Sequence[int] = (2,),
+    workspace_limit: int = -1,
+) -> None:
+    """Phases 2-3 in place: every matrix of the packed ``x`` (described by the flat
+    ``(batch, rows, cols)`` triples ``shapes``, in the param's orientation) becomes
+    ``NS(U / max(||U||_F, eps))``, per shape bucket, in workspace-sized chunks."""
+    torch.ops.muon_ext.muon_orthogonalize_(
+        x, [int(s) for s in shapes], [float(c) for c in ns_coefficients], float(eps),
+        str(ns_algorithm), [int(r) for r in gram_restarts], int(workspace_limit),
+    )
+
+
+def muon_update_(
+    params: Sequence[Tensor],
+    x: Tensor,
+    lr: Tensor,
+    weight_decay: float,
+    update_scales: Sequence[float],
+    found_inf: Tensor | None = None,
+) -> None:
+    """Phase 4: ``P = P (1 - lr wd) - lr scale_i X_i`` with ``X`` packed in ``x`` (param
+    orientation), computed in fp32 and rounded once. With ``found_inf != 0`` nothing changes."""
+    torch.ops.muon_ext.muon_update_(
+        list(params), x, lr, float(weight_decay), [float(s) for s in update_scales], found_inf
+    )
+
+
+def muon_copy_blocks_(src: Tensor, dst: Tensor, blocks: Sequence[int]) -> None:
+    """Copies strided 2-D blocks between flat buffers: ``blocks`` holds 6-tuples
+    ``(src_offset, src_stride, dst_offset, dst_stride, rows, width)``; destinations must be
+    disjoint. Packs shards for collectives and reassembles whole matrices."""
+    torch.ops.muon_ext.muon_copy_blocks_(src, dst, [int(b) for b in blocks])
+
+
 def muon_step_workspace_bytes(
     params: Sequence[Tensor], workspace_limit: int = -1, ns_algorithm: str = "standard"
 ) -> int:
@@ -108,6 +180,27 @@ if extension_available():
         ns_algorithm="standard", gram_restarts=(2,), normuon_buffers=None, normuon_beta2=0.95,
         normuon_eps=1e-8,
     ) -> None:
+        return None
+
+    @torch.library.register_fake("muon_ext::muon_momentum_")
+    def _muon_momentum_fake(
+        grads, momentum_buffers, momentum, nesterov, grad_scale=None, found_inf=None, out=None
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("muon_ext::muon_orthogonalize_")
+    def _muon_orthogonalize_fake(
+        x, shapes, ns_coefficients, eps, ns_algorithm="standard", gram_restarts=(2,),
+        workspace_limit=-1,
+    ) -> None:
+        return None
+
+    @torch.library.register_fake("muon_ext::muon_update_")
+    def _muon_update_fake(params, x, lr, weight_decay, update_scales, found_inf=None) -> None:
+        return None
+
+    @torch.library.register_fake("muon_ext::muon_copy_blocks_")
+    def _muon_copy_blocks_fake(src, dst, blocks) -> None:
         return None
 
     @torch.library.register_fake("muon_ext::newton_schulz")

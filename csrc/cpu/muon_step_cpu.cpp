@@ -39,6 +39,7 @@ struct WorkItem {
   int64_t begin;   // element range [begin, end) within the matrix (row-major, param orientation)
   int64_t end;
   int64_t bucket_matrix;  // index of the matrix in its bucket's order (see Chunk)
+  int64_t matrix_numel;   // elements per matrix of the tensor (the matrix starts at matrix * it)
 };
 
 // The fp32 buffers of one chunk's Newton-Schulz: X ping-pongs with x_next; the rest are m x m
@@ -81,7 +82,22 @@ struct NsBuffers {
 constexpr double kCpuGramMinAspect = 3.0;
 constexpr int64_t kCpuGramMinRows = 64;
 
+// NOTE: [Tiny matrices on CPU]
+// For matrices of a few dozen elements an ATen bmm call costs far more than its arithmetic
+// (about 10 us a call, 15 calls per standard step), which made the step of 500 4x4 params host-
+// bound. And a matrix must get the same bits whatever chunk (batch) it is orthogonalized in, but
+// for small m MKL's GEMMs are not batch-independent: a batch of one takes the plain GEMM, whose
+// small-matrix kernels round differently (7x7 by 7x9, 11x11 by 11x45, 9x9 by 9x52; found by a
+// sweep of shapes up to m = 100, none with m > 11 among them). Matrices with m <= kTinyRows
+// therefore run standard Newton-Schulz in plain loops, one matrix at a time (fp32, sums in index
+// order: the bits depend on the matrix alone), with either algorithm: Gram saves nothing there.
+// The loops reach about 1.5 GFLOP/s, so larger matrices (16x16 already) are left to MKL.
+constexpr int64_t kTinyRows = 12;
+
+bool is_tiny(int64_t m, int64_t /*n*/) { return m <= kTinyRows; }
+
 bool use_gram(const NsConfig& ns, int64_t m, int64_t n) {
+  if (is_tiny(m, n)) return false;
   if (ns.algorithm == NsAlgorithm::kAuto) {
     return m >= kCpuGramMinRows && static_cast<double>(n) >= kCpuGramMinAspect * m;
   }
@@ -93,22 +109,28 @@ std::function<int64_t(int64_t, int64_t)> cpu_bytes_per_matrix(const NsConfig& ns
   return [&ns](int64_t m, int64_t n) { return NsBuffers::bytes(1, m, n, use_gram(ns, m, n)); };
 }
 
+// NOTE: [Chunk-independent GEMMs on CPU]
+// ATen's CPU baddbmm forms beta C + alpha AB in another order for a batch of one than for a
+// larger batch (9x9), so every product below is a plain bmm followed by an elementwise
+// combination (per element, so independent of the batch); see also NOTE: [Tiny matrices on CPU].
 // Standard Newton-Schulz: iterates buf.x in fp32 and returns the buffer holding the result.
 // The out-variants never alias their inputs: A, B and the two X buffers are distinct.
 at::Tensor standard_newton_schulz_fp32(NsBuffers& buf, const std::vector<double>& coeffs) {
   at::Tensor x = buf.x, x_next = buf.x_next, a = buf.square[0], b = buf.square[1];
   for (size_t k = 0; k + 2 < coeffs.size(); k += 3) {
-    at::bmm_out(a, x, x.transpose(1, 2));                                          // A = X Xᵀ
-    at::baddbmm_out(b, a, a, a, /*beta=*/coeffs[k + 1], /*alpha=*/coeffs[k + 2]);  // bA + cA²
-    at::baddbmm_out(x_next, x, b, x, /*beta=*/coeffs[k], /*alpha=*/1.0);           // aX + BX
+    at::bmm_out(a, x, x.transpose(1, 2));                // A = X Xᵀ
+    at::bmm_out(b, a, a);                                // A²
+    b.mul_(coeffs[k + 2]).add_(a, coeffs[k + 1]);        // B = cA² + bA
+    at::bmm_out(x_next, b, x).add_(x, coeffs[k]);        // X = BX + aX
     std::swap(x, x_next);
   }
   return x;
 }
 
-// Gram Newton-Schulz (NOTE: [Newton-Schulz algorithm]) in fp32. The a-terms stay in the GEMMs'
-// beta; Q = I is implicit until the first product (then Q = Z + aI, a diagonal add, no GEMM); R
-// is not updated after the last iteration nor before a restart, which recomputes it.
+// Gram Newton-Schulz (NOTE: [Newton-Schulz algorithm]) in fp32. The a-terms are added after the
+// products (never an explicit aI); Q = I is implicit until the first product (then Q = Z + aI, a
+// diagonal add, no GEMM); R is not updated after the last iteration nor before a restart, which
+// recomputes it.
 at::Tensor gram_newton_schulz_fp32(NsBuffers& buf, const std::vector<double>& coeffs,
                                    const std::vector<int64_t>& restarts) {
   at::Tensor x = buf.x, x_next = buf.x_next;
@@ -119,13 +141,13 @@ at::Tensor gram_newton_schulz_fp32(NsBuffers& buf, const std::vector<double>& co
   bool q_is_identity = true;
   for (int64_t it = 0; it < iterations; ++it) {
     const double a = coeffs[3 * it], b = coeffs[3 * it + 1], c = coeffs[3 * it + 2];
-    at::baddbmm_out(z, r, r, r, /*beta=*/b, /*alpha=*/c);  // Z = bR + cR²
+    at::bmm_out(z, r, r).mul_(c).add_(r, b);  // Z = cR² + bR
     if (q_is_identity) {
       q.copy_(z);
       q.diagonal(0, 1, 2).add_(a);  // Q = I (aI + Z)
       q_is_identity = false;
     } else {
-      at::baddbmm_out(q_next, q, q, z, /*beta=*/a, /*alpha=*/1.0);  // Q = QZ + aQ
+      at::bmm_out(q_next, q, z).add_(q, a);  // Q = QZ + aQ
       std::swap(q, q_next);
     }
     const bool last = it + 1 == iterations;
@@ -137,8 +159,8 @@ at::Tensor gram_newton_schulz_fp32(NsBuffers& buf, const std::vector<double>& co
       at::bmm_out(r, x, x.transpose(1, 2));
       q_is_identity = true;
     } else if (!last) {
-      at::baddbmm_out(t, r, r, z, /*beta=*/a, /*alpha=*/1.0);  // T = RZ + aR
-      at::baddbmm_out(r, t, z, t, /*beta=*/a, /*alpha=*/1.0);  // R = ZT + aT
+      at::bmm_out(t, r, z).add_(r, a);  // T = RZ + aR
+      at::bmm_out(r, z, t).add_(t, a);  // R = ZT + aT
     }
   }
   if (!q_is_identity) {
@@ -148,10 +170,54 @@ at::Tensor gram_newton_schulz_fp32(NsBuffers& buf, const std::vector<double>& co
   return x;
 }
 
+// One tiny matrix (NOTE: [Tiny matrices on CPU]), in place; scratch holds 2 m² + m n floats.
+void tiny_newton_schulz_fp32(float* x, int64_t m, int64_t n, const std::vector<double>& coeffs,
+                             float* scratch) {
+  float* a = scratch;          // m x m
+  float* b = a + m * m;        // m x m
+  float* y = b + m * m;        // m x n
+  for (size_t k = 0; k + 2 < coeffs.size(); k += 3) {
+    const float ca = static_cast<float>(coeffs[k]), cb = static_cast<float>(coeffs[k + 1]),
+                cc = static_cast<float>(coeffs[k + 2]);
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < m; ++j) {
+        float acc = 0.f;
+        for (int64_t l = 0; l < n; ++l) acc += x[i * n + l] * x[j * n + l];
+        a[i * m + j] = acc;
+      }
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < m; ++j) {
+        float acc = 0.f;
+        for (int64_t l = 0; l < m; ++l) acc += a[i * m + l] * a[l * m + j];
+        b[i * m + j] = cc * acc + cb * a[i * m + j];
+      }
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t j = 0; j < n; ++j) y[i * n + j] = 0.f;
+      for (int64_t l = 0; l < m; ++l) {
+        const float bil = b[i * m + l];
+        for (int64_t j = 0; j < n; ++j) y[i * n + j] += bil * x[l * n + j];
+      }
+      for (int64_t j = 0; j < n; ++j) y[i * n + j] += ca * x[i * n + j];
+    }
+    std::memcpy(x, y, static_cast<size_t>(m * n) * sizeof(float));
+  }
+}
+
 // Iterates buf.x with the algorithm the config picks for this (m, n); returns the result buffer.
 at::Tensor newton_schulz_fp32(NsBuffers& buf, const NsConfig& ns, bool gram) {
-  return gram ? gram_newton_schulz_fp32(buf, ns.coefficients, ns.gram_restarts)
-              : standard_newton_schulz_fp32(buf, ns.coefficients);
+  const int64_t batch = buf.x.size(0), m = buf.x.size(1), n = buf.x.size(2);
+  if (gram) return gram_newton_schulz_fp32(buf, ns.coefficients, ns.gram_restarts);
+  if (!is_tiny(m, n)) return standard_newton_schulz_fp32(buf, ns.coefficients);
+  float* x = buf.x.data_ptr<float>();
+  at::parallel_for(0, batch, 16, [&](int64_t lo, int64_t hi) {
+    std::vector<float> scratch(static_cast<size_t>(2 * m * m + m * n));
+    for (int64_t i = lo; i < hi; ++i) {
+      tiny_newton_schulz_fp32(x + i * m * n, m, n, ns.coefficients, scratch.data());
+    }
+  });
+  return buf.x;
 }
 
 // 1 / max(||U||_F, eps) per matrix. A zero matrix stays zero even with eps == 0 (0 / max(0, 0)
@@ -189,23 +255,26 @@ struct PassScalars {
 
 // Phase 1: M = lerp(M, G / s, 1 - beta) and each item's sum of squares of U (in double, in
 // index order: NOTE: [Deterministic reduction]). Writes only the momentum.
+// `out` (optional, the momentum op): U packed in list order, tensor t from out_offsets[t].
 template <typename scalar_t>
 void momentum_pass(const std::vector<WorkItem>& items, at::TensorList grads,
                    at::TensorList momentum_buffers, const PassScalars& sc,
-                   std::vector<double>& partial) {
+                   std::vector<double>& partial, float* out = nullptr,
+                   const std::vector<int64_t>* out_offsets = nullptr) {
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t w = lo; w < hi; ++w) {
       const WorkItem& it = items[w];
-      const at::Tensor& g_t = grads[it.tensor];
-      const int64_t numel = g_t.size(1) * g_t.size(2);
-      const scalar_t* g = g_t.const_data_ptr<scalar_t>() + it.matrix * numel;
-      float* mom = momentum_buffers[it.tensor].data_ptr<float>() + it.matrix * numel;
+      const int64_t base = it.matrix * it.matrix_numel;
+      const scalar_t* g = grads[it.tensor].const_data_ptr<scalar_t>() + base;
+      float* mom = momentum_buffers[it.tensor].data_ptr<float>() + base;
+      float* u_out = out == nullptr ? nullptr : out + (*out_offsets)[it.tensor] + base;
       double acc = 0.0;
       for (int64_t e = it.begin; e < it.end; ++e) {
         const float gf = static_cast<float>(g[e]) * sc.inv_grad_scale;
         const float mf = mom[e] + sc.one_minus_beta * (gf - mom[e]);
         mom[e] = mf;
         const float u = sc.direction(static_cast<float>(g[e]), mf);
+        if (u_out != nullptr) u_out[e] = u;
         acc += static_cast<double>(u) * static_cast<double>(u);
       }
       partial[w] = acc;
@@ -214,24 +283,24 @@ void momentum_pass(const std::vector<WorkItem>& items, at::TensorList grads,
 }
 
 // Phase 2 fill: X = U / max(||U||, eps) of a chunk's matrices into its workspace, tall
-// matrices transposed (U[i][j] -> X[j][i], X is cols x rows).
-template <typename scalar_t>
+// matrices transposed (U[i][j] -> X[j][i], X is cols x rows). `shapes` are the 3-D views the
+// items index (the params, or the orthogonalize op's segments); `direction(it)` gives the item's
+// element accessor: `direction(it)(e)` is element e of its matrix of U.
+template <typename Direction>
 void fill_pass(const WorkItem* items, int64_t num_items, int64_t chunk_first,
-               at::TensorList grads, at::TensorList momentum_buffers, const PassScalars& sc,
-               const std::vector<float>& inv_norm, float* ws) {
+               at::TensorList shapes, const std::vector<float>& inv_norm, float* ws,
+               const Direction& direction) {
   at::parallel_for(0, num_items, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t w = lo; w < hi; ++w) {
       const WorkItem& it = items[w];
-      const at::Tensor& g_t = grads[it.tensor];
-      const int64_t rows = g_t.size(1), cols = g_t.size(2), numel = rows * cols;
+      const int64_t rows = shapes[it.tensor].size(1), cols = shapes[it.tensor].size(2);
       const bool tall = rows > cols;
-      const scalar_t* g = g_t.const_data_ptr<scalar_t>() + it.matrix * numel;
-      const float* mom = momentum_buffers[it.tensor].const_data_ptr<float>() + it.matrix * numel;
-      float* x = ws + (it.bucket_matrix - chunk_first) * numel;
+      float* x = ws + (it.bucket_matrix - chunk_first) * it.matrix_numel;
       const float inv = inv_norm[it.bucket_matrix];
+      const auto u = direction(it);
       for (int64_t e = it.begin; e < it.end; ++e) {
         const int64_t dst = tall ? (e % cols) * rows + e / cols : e;
-        x[dst] = sc.direction(static_cast<float>(g[e]), mom[e]) * inv;
+        x[dst] = u(e) * inv;
       }
     }
   });
@@ -334,7 +403,8 @@ StepItems make_items(at::TensorList params, const std::vector<Bucket>& buckets) 
       for (int64_t mat = 0; mat < params[t].size(0); ++mat, ++bucket_matrix) {
         firsts.push_back(static_cast<int64_t>(s.items.size()));
         for (int64_t begin = 0; begin < numel; begin += kBlock) {
-          s.items.push_back(WorkItem{t, mat, begin, std::min(numel, begin + kBlock), bucket_matrix});
+          s.items.push_back(
+              WorkItem{t, mat, begin, std::min(numel, begin + kBlock), bucket_matrix, numel});
         }
       }
     }
@@ -425,8 +495,15 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
       const int64_t num_items = firsts[c.first + c.count] - firsts[c.first];
       const bool gram = use_gram(ns, b.m, b.n);
       NsBuffers buf(workspace, c.count, b.m, b.n, gram);
-      fill_pass<scalar_t>(items, num_items, c.first, grads, momentum_buffers, sc,
-                          inv_norms[c.bucket], buf.x.data_ptr<float>());
+      fill_pass(items, num_items, c.first, params, inv_norms[c.bucket], buf.x.data_ptr<float>(),
+                [&](const WorkItem& it) {
+                  const int64_t base = it.matrix * it.matrix_numel;
+                  const scalar_t* g = grads[it.tensor].const_data_ptr<scalar_t>() + base;
+                  const float* mom = momentum_buffers[it.tensor].const_data_ptr<float>() + base;
+                  return [g, mom, &sc](int64_t e) {
+                    return sc.direction(static_cast<float>(g[e]), mom[e]);
+                  };
+                });
       const at::Tensor result = newton_schulz_fp32(buf, ns, gram);
       if (normuon) {
         normuon_pass(items, firsts, c.first, c.count, b.n, params, normuon_buffers,
@@ -478,9 +555,166 @@ at::Tensor newton_schulz_cpu(const at::Tensor& x, at::ArrayRef<double> ns_coeffi
   return result;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The phases as ops of their own (NOTE: [Phase ops] in muon_step_args.h), built from the passes
+// muon_step_cpu runs, so that they compute the same floats.
+
+// Tensors of any shape as work items: each tensor one "matrix" of its numel elements, cut into
+// kBlock-element items.
+std::vector<WorkItem> flat_items(at::TensorList tensors) {
+  std::vector<WorkItem> items;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const int64_t numel = tensors[t].numel();
+    for (int64_t begin = 0; begin < numel; begin += kBlock) {
+      items.push_back(WorkItem{static_cast<int64_t>(t), 0, begin, std::min(numel, begin + kBlock),
+                               0, numel});
+    }
+  }
+  return items;
+}
+
+// Host value of a CPU scalar tensor, or `fallback` when absent.
+double host_scalar(const c10::optional<at::Tensor>& t, double fallback) {
+  return t.has_value() ? t->item<double>() : fallback;
+}
+
+void muon_momentum_cpu(at::TensorList grads, at::TensorList momentum_buffers, double momentum,
+                       bool nesterov, const c10::optional<at::Tensor>& grad_scale,
+                       const c10::optional<at::Tensor>& found_inf,
+                       const c10::optional<at::Tensor>& out) {
+  check_momentum_args(grads, momentum_buffers, momentum, grad_scale, found_inf, out,
+                      c10::DeviceType::CPU);
+  if (grads.empty() || host_scalar(found_inf, 0.0) != 0.0) return;
+  const PassScalars sc{static_cast<float>(1.0 - momentum), static_cast<float>(momentum), nesterov,
+                       static_cast<float>(1.0 / host_scalar(grad_scale, 1.0))};
+  const std::vector<WorkItem> items = flat_items(grads);
+  std::vector<double> partial(items.size(), 0.0);  // the norms are the orthogonalize op's
+  const std::vector<int64_t> offsets = packed_offsets(grads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads[0].scalar_type(),
+                                  "muon_momentum_cpu", [&] {
+    momentum_pass<scalar_t>(items, grads, momentum_buffers, sc, partial,
+                            out.has_value() ? out->data_ptr<float>() : nullptr, &offsets);
+  });
+}
+
+void muon_orthogonalize_cpu(const at::Tensor& x, at::IntArrayRef shapes,
+                            at::ArrayRef<double> ns_coefficients, double eps,
+                            c10::string_view ns_algorithm, at::IntArrayRef gram_restarts,
+                            int64_t workspace_limit) {
+  const NsConfig ns = make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts);
+  const std::vector<at::Tensor> views = orthogonalize_segments(x, shapes, c10::DeviceType::CPU);
+  resolve_workspace_limit(workspace_limit);
+  const std::vector<Bucket> buckets = make_buckets(views);
+  if (buckets.empty()) return;
+  const ChunkPlan plan = plan_chunks(buckets, workspace_limit, cpu_bytes_per_matrix(ns));
+  const StepItems s = make_items(views, buckets);
+  const at::Tensor workspace =
+      at::empty({plan.max_chunk_bytes / static_cast<int64_t>(sizeof(float))}, x.options());
+  maybe_inject_failure("muon_orthogonalize_");
+
+  // The norms as muon_step_'s phase 1 takes them: per kBlock item in double, in index order,
+  // then item sums in order (NOTE: [Deterministic reduction]).
+  const auto u_of = [&](const WorkItem& it) {
+    return views[it.tensor].const_data_ptr<float>() + it.matrix * it.matrix_numel;
+  };
+  std::vector<double> partial(s.items.size(), 0.0);
+  at::parallel_for(0, static_cast<int64_t>(s.items.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t w = lo; w < hi; ++w) {
+      const WorkItem& it = s.items[w];
+      const float* u = u_of(it);
+      double acc = 0.0;
+      for (int64_t e = it.begin; e < it.end; ++e) {
+        acc += static_cast<double>(u[e]) * static_cast<double>(u[e]);
+      }
+      partial[w] = acc;
+    }
+  });
+  for (const Chunk& c : plan.chunks) {
+    const Bucket& b = buckets[c.bucket];
+    const std::vector<int64_t>& firsts = s.matrix_first_item[c.bucket];
+    std::vector<float> inv_norms(static_cast<size_t>(b.num_matrices));
+    for (int64_t i = c.first; i < c.first + c.count; ++i) {
+      double sum = 0.0;
+      for (int64_t w = firsts[i]; w < firsts[i + 1]; ++w) sum += partial[w];
+      inv_norms[i] = inverse_norm(std::sqrt(sum), eps);
+    }
+    const WorkItem* items = s.items.data() + firsts[c.first];
+    const int64_t num_items = firsts[c.first + c.count] - firsts[c.first];
+    const bool gram = use_gram(ns, b.m, b.n);
+    NsBuffers buf(workspace, c.count, b.m, b.n, gram);
+    fill_pass(items, num_items, c.first, views, inv_norms, buf.x.data_ptr<float>(),
+              [&](const WorkItem& it) {
+                const float* u = u_of(it);
+                return [u](int64_t e) { return u[e]; };
+              });
+    const float* result = newton_schulz_fp32(buf, ns, gram).const_data_ptr<float>();
+    // Back into x in the param's orientation (the chunk's matrices were all read by the fill).
+    at::parallel_for(0, num_items, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t w = lo; w < hi; ++w) {
+        const WorkItem& it = items[w];
+        const int64_t rows = views[it.tensor].size(1), cols = views[it.tensor].size(2);
+        const bool tall = rows > cols;
+        float* u = views[it.tensor].data_ptr<float>() + it.matrix * it.matrix_numel;
+        const float* r = result + (it.bucket_matrix - c.first) * it.matrix_numel;
+        for (int64_t e = it.begin; e < it.end; ++e) {
+          u[e] = r[tall ? (e % cols) * rows + e / cols : e];
+        }
+      }
+    });
+  }
+}
+
+void muon_update_cpu(at::TensorList params, const at::Tensor& x, const at::Tensor& lr,
+                     double weight_decay, at::ArrayRef<double> update_scales,
+                     const c10::optional<at::Tensor>& found_inf) {
+  check_update_args(params, x, lr, weight_decay, update_scales, found_inf, c10::DeviceType::CPU);
+  if (params.empty() || host_scalar(found_inf, 0.0) != 0.0) return;
+  const double lr_value = lr.item<double>();
+  const float decay = static_cast<float>(1.0 - lr_value * weight_decay);
+  const std::vector<WorkItem> items = flat_items(params);
+  const std::vector<int64_t> offsets = packed_offsets(params);
+  const float* xs = x.const_data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(),
+                                  "muon_update_cpu", [&] {
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t w = lo; w < hi; ++w) {
+        const WorkItem& it = items[w];
+        // The same expression as update_pass (NOTE: [Phase ops]: the same floats).
+        const float step = static_cast<float>(lr_value * update_scales[it.tensor]);
+        scalar_t* p = params[it.tensor].data_ptr<scalar_t>();
+        const float* xt = xs + offsets[it.tensor];
+        for (int64_t e = it.begin; e < it.end; ++e) {
+          p[e] = static_cast<scalar_t>(static_cast<float>(p[e]) * decay - step * xt[e]);
+        }
+      }
+    });
+  });
+}
+
+void muon_copy_blocks_cpu(const at::Tensor& src, const at::Tensor& dst, at::IntArrayRef blocks) {
+  const std::vector<CopyBlock> bs = check_copy_blocks_args(src, dst, blocks, c10::DeviceType::CPU);
+  const int64_t item = static_cast<int64_t>(src.element_size());
+  const char* s = static_cast<const char*>(src.const_data_ptr());
+  char* d = static_cast<char*>(dst.data_ptr());
+  at::parallel_for(0, static_cast<int64_t>(bs.size()), 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t k = lo; k < hi; ++k) {
+      const CopyBlock& b = bs[k];
+      for (int64_t r = 0; r < b.rows; ++r) {
+        std::memcpy(d + (b.dst_offset + r * b.dst_stride) * item,
+                    s + (b.src_offset + r * b.src_stride) * item,
+                    static_cast<size_t>(b.width * item));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(muon_ext, CPU, m) {
+  m.impl("muon_momentum_", &muon_momentum_cpu);
+  m.impl("muon_orthogonalize_", &muon_orthogonalize_cpu);
+  m.impl("muon_update_", &muon_update_cpu);
+  m.impl("muon_copy_blocks_", &muon_copy_blocks_cpu);
   m.impl("muon_step_", &muon_step_cpu);
   m.impl("newton_schulz", &newton_schulz_cpu);
   m.impl("muon_step_workspace_bytes", &muon_step_workspace_bytes_cpu);

@@ -316,10 +316,132 @@ at::Tensor newton_schulz_cuda(const at::Tensor& x, at::ArrayRef<double> ns_coeff
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The phases as ops of their own (NOTE: [Phase ops] in muon_step_args.h).
+//
+// NOTE: [CUDA phase ops]
+// muon_orthogonalize_ runs the same chunked kernels and cuBLASLt GEMMs as muon_step_'s phases
+// 2-3. Momentum, update and block copies are compositions of ATen ops on the current stream
+// (multi-tensor _foreach kernels where ATen has them), not kernels of ours: they are elementwise
+// and bandwidth-bound, the distributed step's collectives dominate next to them, and a device
+// found_inf is honoured with at::where (a selection, never a multiplication by 1 - found_inf,
+// since inf * 0 is NaN), so nothing is read on the host. Their temporaries hold one copy of
+// the call's tensors in fp32.
+
+// found_inf as a device bool tensor (nullopt: no flag); a CPU flag is read on the host.
+c10::optional<at::Tensor> device_flag(const c10::optional<at::Tensor>& found_inf,
+                                      const at::Device& device, bool& skip) {
+  skip = false;
+  if (!found_inf.has_value()) return c10::nullopt;
+  if (found_inf->device().is_cpu()) {
+    skip = found_inf->item<double>() != 0.0;
+    return c10::nullopt;
+  }
+  return found_inf->to(device).reshape({}).ne(0);
+}
+
+void muon_momentum_cuda(at::TensorList grads, at::TensorList momentum_buffers, double momentum,
+                        bool nesterov, const c10::optional<at::Tensor>& grad_scale,
+                        const c10::optional<at::Tensor>& found_inf,
+                        const c10::optional<at::Tensor>& out) {
+  check_momentum_args(grads, momentum_buffers, momentum, grad_scale, found_inf, out,
+                      c10::DeviceType::CUDA);
+  if (grads.empty()) return;
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  bool skip = false;
+  const c10::optional<at::Tensor> flag = device_flag(found_inf, grads[0].device(), skip);
+  if (skip) return;
+  NvtxRange range("muon_ext::momentum");
+  std::vector<at::Tensor> g;
+  g.reserve(grads.size());
+  for (const at::Tensor& t : grads) g.push_back(t.to(at::kFloat));
+  if (grad_scale.has_value()) {
+    const at::Tensor inv = grad_scale->to(grads[0].device(), at::kFloat).reciprocal();
+    at::_foreach_mul_(g, inv);
+  }
+  // M' = lerp(M, G', 1 - beta), computed aside so that a set flag keeps M.
+  std::vector<at::Tensor> m = at::_foreach_lerp(momentum_buffers, g, 1.0 - momentum);
+  const std::vector<int64_t> offsets = packed_offsets(grads);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (grads[i].numel() == 0) continue;
+    const at::Tensor u = nesterov ? at::lerp(g[i], m[i], momentum) : m[i];
+    if (out.has_value()) out->narrow(0, offsets[i], grads[i].numel()).view(u.sizes()).copy_(u);
+    at::Tensor mb = momentum_buffers[i];
+    mb.copy_(flag.has_value() ? at::where(*flag, mb, m[i]) : m[i]);
+  }
+}
+
+void muon_update_cuda(at::TensorList params, const at::Tensor& x, const at::Tensor& lr,
+                      double weight_decay, at::ArrayRef<double> update_scales,
+                      const c10::optional<at::Tensor>& found_inf) {
+  check_update_args(params, x, lr, weight_decay, update_scales, found_inf, c10::DeviceType::CUDA);
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const c10::cuda::CUDAGuard guard(device);
+  bool skip = false;
+  const c10::optional<at::Tensor> flag = device_flag(found_inf, device, skip);
+  if (skip) return;
+  NvtxRange range("muon_ext::update");
+  // fp64 on the host for a CPU lr (as muon_step_ does), fp32 on the device otherwise.
+  const bool host_lr = lr.device().is_cpu();
+  const double lr_value = host_lr ? lr.item<double>() : 0.0;
+  const at::Tensor lr_dev = host_lr ? at::Tensor() : lr.to(at::kFloat).reshape({});
+  const std::vector<int64_t> offsets = packed_offsets(params);
+  for (size_t i = 0; i < params.size(); ++i) {
+    at::Tensor p = params[i];
+    if (p.numel() == 0) continue;
+    const at::Tensor xi = x.narrow(0, offsets[i], p.numel()).view(p.sizes()).to(at::kFloat);
+    at::Tensor next;
+    if (host_lr) {
+      next = p.to(at::kFloat)
+                 .mul(static_cast<float>(1.0 - lr_value * weight_decay))
+                 .sub_(xi, static_cast<float>(lr_value * update_scales[i]));
+    } else {
+      next = p.to(at::kFloat).mul(1.0 - lr_dev * weight_decay).sub_(xi * (lr_dev * update_scales[i]));
+    }
+    p.copy_(flag.has_value() ? at::where(*flag, p, next.to(p.scalar_type())) : next);
+  }
+}
+
+void muon_orthogonalize_cuda(const at::Tensor& x, at::IntArrayRef shapes,
+                             at::ArrayRef<double> ns_coefficients, double eps,
+                             c10::string_view ns_algorithm, at::IntArrayRef gram_restarts,
+                             int64_t workspace_limit) {
+  const NsConfig ns = make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts);
+  const bool force_legacy = force_legacy_blas();
+  const std::vector<at::Tensor> views = orthogonalize_segments(x, shapes, c10::DeviceType::CUDA);
+  resolve_workspace_limit(workspace_limit);
+  const std::vector<Bucket> buckets = make_buckets(views);
+  if (buckets.empty()) return;
+  const c10::cuda::CUDAGuard guard(x.device());
+  // In place: each chunk reads its matrices (phases 1-2) before it writes them (phase 4).
+  KernelTensors k = kernel_tensors(views, {}, {}, {}, buckets);
+  for (mk::MatrixTensor& t : k.tensors) t.src = t.dst;
+  mk::StepScalars scalars;
+  scalars.eps = eps;
+  plan_and_run("muon_orthogonalize_", k.tensors, k.buckets, element_type(x.scalar_type()),
+               mk::DirectionSource::kInput, mk::WriteBack::kCopy, scalars, ns, workspace_limit,
+               force_legacy, x.options(), at::cuda::getCurrentCUDAStream().stream());
+}
+
+void muon_copy_blocks_cuda(const at::Tensor& src, const at::Tensor& dst, at::IntArrayRef blocks) {
+  const std::vector<CopyBlock> bs =
+      check_copy_blocks_args(src, dst, blocks, c10::DeviceType::CUDA);
+  const c10::cuda::CUDAGuard guard(src.device());
+  for (const CopyBlock& b : bs) {
+    dst.as_strided({b.rows, b.width}, {b.dst_stride, 1}, b.dst_offset)
+        .copy_(src.as_strided({b.rows, b.width}, {b.src_stride, 1}, b.src_offset));
+  }
+}
+
 }  // namespace
 }  // namespace muon_ext
 
 TORCH_LIBRARY_IMPL(muon_ext, CUDA, m) {
+  m.impl("muon_momentum_", TORCH_FN(muon_ext::muon_momentum_cuda));
+  m.impl("muon_orthogonalize_", TORCH_FN(muon_ext::muon_orthogonalize_cuda));
+  m.impl("muon_update_", TORCH_FN(muon_ext::muon_update_cuda));
+  m.impl("muon_copy_blocks_", TORCH_FN(muon_ext::muon_copy_blocks_cuda));
   m.impl("muon_step_", TORCH_FN(muon_ext::muon_step_cuda));
   m.impl("newton_schulz", TORCH_FN(muon_ext::newton_schulz_cuda));
   m.impl("muon_step_workspace_bytes", TORCH_FN(muon_ext::muon_step_workspace_bytes_cuda));
