@@ -31,6 +31,7 @@ issue different collectives (a hang). See docs/README_distributed.md for the cos
 from __future__ import annotations
 
 import hashlib
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from ._extension import extension_available
 from .coefficients import (
     DEFAULT_RMS_TARGET,
     flat_coefficients,
@@ -48,7 +50,14 @@ from .coefficients import (
     resolve_ns_coefficients,
     update_scale,
 )
-from .reference import orthogonalize, resolve_gram_restarts
+from .dispatch import lr_tensor, momentum_dtype, scalar_on, takes_fused_step
+from .reference import (
+    copy_blocks_packed_,
+    momentum_packed_,
+    orthogonalize_packed_,
+    resolve_gram_restarts,
+    update_packed_,
+)
 
 __all__ = ["DISTRIBUTED_MODES", "DistributedStats", "ns_flops", "stats", "validate_mode"]
 
@@ -99,7 +108,18 @@ def wanted(optimizer: Any, group: dict[str, Any]) -> bool:
     if getattr(optimizer, "distributed_mode", None) is not None:
         return True
     dtensor = _dtensor_type()
-    return dtensor is not None and any(isinstance(p, dtensor) for p in group["params"])
+    if dtensor is None:
+        return False
+    # Asked several times per step: cached while the group holds the same params (by identity).
+    params = group["params"]
+    key = tuple(map(id, params))
+    cache = optimizer.__dict__.setdefault("_distributed_wanted", {})
+    hit = cache.get(id(params))
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    answer = any(isinstance(p, dtensor) for p in params)
+    cache[id(params)] = (key, answer)
+    return answer
 
 
 @torch.no_grad()
@@ -117,16 +137,15 @@ def step_group(
     rt = _runtime(optimizer)
     default_pg = getattr(optimizer, "process_group", None)
     layout = rt.layout(index, group, owner, default_pg)
-    local_inf = found_inf is not None and bool(found_inf.item())
     # In owner mode every rank takes part in the header exchange even with an empty group
     # (ZeroRedundancyOptimizer can hand a rank none of a group's params): no rank waits alone.
     must_agree = [_default_group(default_pg)] if owner else []
-    present, skip = _agree(rt, layout, local_inf, must_agree)
-    if skip:  # found_inf on some rank: nothing changes anywhere
-        return
+    present, groups = _agree(rt, layout, must_agree)
+    if found_inf is not None:  # set on any rank: nothing changes anywhere (read on the device)
+        found_inf = _found_inf_anywhere(rt, found_inf, groups)
     units = [u for u in layout.units if present[u]]
     if units:
-        _step_group(rt, optimizer.state, group, layout, units, grad_scale)
+        _step_group(rt, optimizer, group, layout, units, grad_scale, found_inf)
 
 
 # ---------------------------------------------------------------------- layouts and plans
@@ -206,6 +225,7 @@ class _Bucket:
     starts: list[int] = field(default_factory=list)
     # _SHARDED: the owner (group rank) of each unit in `sharded`
     owners: list[int] = field(default_factory=list)
+    tables: Any = None  # _Tables: this rank's packed layout of the bucket
 
 
 @dataclass
@@ -215,6 +235,7 @@ class _Runtime:
     layouts: dict[int, _Layout] = field(default_factory=dict)
     plans: dict[int, tuple[tuple, list[_Bucket]]] = field(default_factory=dict)
     stats: DistributedStats = field(default_factory=DistributedStats)
+    host_groups: dict[int, Any] = field(default_factory=dict)  # _host_group's gloo groups
 
     def layout(self, index: int, group: dict[str, Any], owner: bool, default_pg: Any) -> _Layout:
         key = (
@@ -252,6 +273,8 @@ class _Runtime:
         if cached is not None and cached[0] == key:
             return cached[1]
         buckets = _make_plan(units, steps)
+        for b in buckets:
+            b.tables = _make_tables(b)
         self.plans[layout.group_index] = (key, buckets)
         return buckets
 
@@ -267,10 +290,8 @@ def _runtime(optimizer: Any) -> _Runtime:
 def _make_unit(
     index: int, pos: int, p: Tensor, group: dict[str, Any], owner: bool, default_pg: Any
 ) -> _Unit:
-    from .optim import _takes_fused_step  # optim imports this module
-
     batch, rows, cols = matrix_shape(p.shape)
-    fused = _takes_fused_step(_local(p), group)
+    fused = takes_fused_step(_local(p), group)
     unit = _Unit(
         group_index=index,
         pos=pos,
@@ -404,13 +425,15 @@ def _make_plan(units: list[_Unit], steps: int) -> list[_Bucket]:
 
 
 def _agree(
-    rt: _Runtime, layout: _Layout, local_inf: bool, must_agree: list[Any]
-) -> tuple[dict[_Unit, bool], bool]:
-    """Which params take part this step (a grad on every rank of their group) and found_inf.
+    rt: _Runtime, layout: _Layout, must_agree: list[Any]
+) -> tuple[dict[_Unit, bool], list[Any]]:
+    """Which params take part this step (a grad on every rank of their group), and the process
+    groups that agreed.
 
-    One all_gather of a 6-element header per process group; a second small collective only
-    when the ranks disagree about grads, or to check on a (re)built layout that "replicated"
-    params really are identical on every rank.
+    One all_gather of a 5-element header per process group (structure and which params have
+    grads: host facts, on the CPU for gloo); a second small collective only when the ranks
+    disagree about grads, or to check on a (re)built layout that "replicated" params really
+    are identical on every rank.
     """
     import torch.distributed as dist
 
@@ -420,10 +443,10 @@ def _agree(
         present[u] = u.param.grad is not None
         if u.agree_pg is not None:
             by_pg.setdefault(id(u.agree_pg), (u.agree_pg, []))[1].append(u)
-    skip = local_inf
     for pg, units in by_pg.values():
         world = dist.get_world_size(pg)
         device = _comm_device(pg, units)
+        hpg = _host_group(rt, pg)
         fingerprint = layout.fingerprints.get(id(pg))
         if fingerprint is None:
             fingerprint = _hash(
@@ -434,11 +457,10 @@ def _agree(
         verify = id(pg) not in layout.verified
         bits = [present[u] for u in units]
         header = torch.tensor(
-            [_HEADER_MAGIC, len(units), fingerprint, _hash(bits), int(local_inf), int(verify)],
+            [_HEADER_MAGIC, len(units), fingerprint, _hash(bits), int(verify)],
             dtype=torch.int64,
-            device=device,
         )
-        gathered = _all_gather(rt, header, pg).view(world, -1).tolist()
+        gathered = _all_gather(rt, header, hpg).view(world, -1).tolist()
         if any(row[:3] != gathered[0][:3] for row in gathered):
             raise RuntimeError(
                 "Muon: the ranks of a process group disagree on the parameters of the distributed "
@@ -447,13 +469,11 @@ def _agree(
                 "unset, since ZeRO already gives each parameter to one rank."
             )
         if any(row[4] for row in gathered):
-            skip = True
-        if any(row[5] for row in gathered):
             _verify_replicated(rt, units, pg, device)
             layout.verified.add(id(pg))
         if any(row[3] != gathered[0][3] for row in gathered):
-            counts = torch.tensor(bits, dtype=torch.int32, device=device)
-            dist.all_reduce(counts, group=pg)
+            counts = torch.tensor(bits, dtype=torch.int32)
+            dist.all_reduce(counts, group=hpg)
             rt.stats.collectives += 1
             partial = []
             for u, c in zip(units, counts.tolist()):
@@ -470,7 +490,21 @@ def _agree(
                     RuntimeWarning,
                     stacklevel=2,
                 )
-    return present, skip
+    return present, [pg for pg, _ in by_pg.values()]
+
+
+def _found_inf_anywhere(rt: _Runtime, found_inf: Tensor, groups: list[Any]) -> Tensor:
+    """found_inf as a float32 flag that is set on every rank if it is set on any (a MAX
+    all-reduce per agreeing process group, on the flag's device: never read on the host)."""
+    import torch.distributed as dist
+
+    flag = found_inf.detach().reshape(1).to(torch.float32, copy=True)
+    for pg in groups:
+        if str(dist.get_backend(pg)) == "gloo" and flag.device.type != "cpu":
+            flag = flag.cpu()  # gloo reduces CPU tensors (a copy, only for gloo with CUDA)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
+        rt.stats.collectives += 1
+    return flag
 
 
 def _verify_replicated(rt: _Runtime, units: list[_Unit], pg: Any, device: torch.device) -> None:
@@ -492,281 +526,299 @@ def _verify_replicated(rt: _Runtime, units: list[_Unit], pg: Any, device: torch.
 
 
 # ---------------------------------------------------------------------- the step
+#
+# NOTE: [Distributed step on the phase ops]
+# Per shape bucket, everything runs on packed buffers with the step's own phase ops (NOTE:
+# [Phase ops] in csrc/muon_step_args.h), so the step's math lives in C++ once:
+#   1. muon_momentum_ over every local tensor of the bucket writes U into one buffer, in the
+#      order [local units | replicated units | sharded units by owner rank]. Its sharded part is
+#      the send buffer of the first all_to_all as it stands.
+#   2. The owner gets whole matrices: muon_copy_blocks_ reassembles the received shards (one
+#      op, with a table made once per plan), and muon_orthogonalize_ runs Newton-Schulz in place
+#      on the local matrices, on this rank's share of the replicated ones and on the assembled
+#      sharded ones.
+#   3. muon_copy_blocks_ packs each rank's slice of the results; the second all_to_all returns
+#      them into the sharded part of the same buffer (free since the first one finished), and
+#      one all_gather per bucket shares the replicated results.
+#   4. One muon_update_ over the bucket's local tensors reads the whole buffer.
+# No value is read on the host: lr, grad_scale and found_inf go to the ops as tensors, and a
+# found_inf set on any rank (all-reduced with MAX on the device) makes every rank's momentum and
+# update ops write nothing, while every rank still issues the same collectives. Python work per
+# step is per bucket plus collecting each param's grad and state. The result equals the single-
+# process step bit for bit, given the same gradients (tested).
 
 
-class _GroupStep:
-    """One param group's step: hyperparameters, and the local tensors of each unit."""
+@dataclass
+class _Scalars:
+    """One group's step settings, as the ops take them."""
 
-    def __init__(self, rt: _Runtime, state: dict, group: dict[str, Any], grad_scale: Tensor | None):
-        from .optim import momentum_dtype  # optim imports this module
-
-        self.rt = rt
-        lr = group["lr"]
-        self.lr = float(lr.item()) if isinstance(lr, Tensor) else float(lr)
-        self.beta, self.nesterov, self.eps = group["momentum"], group["nesterov"], group["eps"]
-        self.decay = 1.0 - self.lr * group["weight_decay"]
-        self.schedule = resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
-        self.flat = flat_coefficients(self.schedule)
-        self.ns_algorithm = group.get("ns_algorithm", "standard")
-        self.gram_restarts = resolve_gram_restarts(group.get("gram_restarts"), len(self.schedule))
-        self.state = state
-        self.grad_scale = None if grad_scale is None else float(grad_scale.item())
-        self.momentum_dtype = momentum_dtype
-        self.tensors: dict[_Unit, tuple[Tensor, Tensor, Tensor]] = {}  # param, grad, momentum
-
-    def momentum(self, u: _Unit) -> None:
-        """M = lerp(M, G, 1 - beta) on whatever this rank holds of the param."""
-        p = u.param
-        st = self.state[p]
-        if "momentum_buffer" not in st:
-            st["momentum_buffer"] = torch.zeros_like(
-                p, dtype=self.momentum_dtype(p), memory_format=torch.contiguous_format
-            )
-        grad = p.grad
-        placements = getattr(p, "placements", None)
-        if placements is not None and grad.placements != placements:  # type: ignore[union-attr]
-            grad = grad.redistribute(p.device_mesh, placements)  # type: ignore[union-attr]
-        buf = _local(st["momentum_buffer"])
-        g = _local(grad).to(buf.dtype)  # never written: it may be the grad itself
-        if self.grad_scale is not None:
-            g = g / self.grad_scale
-        buf.lerp_(g, 1 - self.beta)
-        self.tensors[u] = (_local(p), g, buf)
-
-    def nesterov_update(self, u: _Unit) -> Tensor:
-        """U = lerp(G, M, beta) (Nesterov) or M, param-shaped, of this rank's part."""
-        _, g, buf = self.tensors[u]
-        return g.lerp(buf, self.beta) if self.nesterov else buf
-
-    def matrices(self, u: _Unit, lo: int = 0, hi: int | None = None) -> Tensor:
-        """Matrices [lo, hi) of the update of a whole-matrix local tensor, (b, m, n) wide."""
-        _, g, buf = self.tensors[u]
-        shape = (u.local_batch, u.rows, u.cols)
-        g3, b3 = g.reshape(shape)[lo:hi], buf.reshape(shape)[lo:hi]
-        x = g3.lerp(b3, self.beta) if self.nesterov else b3
-        return x.mT if u.tall else x
-
-    def newton_schulz(self, route: str, parts: list[Tensor]) -> Tensor:
-        """One batched call for all of a bucket's matrices on this rank."""
-        x = parts[0] if len(parts) == 1 else torch.cat(parts)
-        self.rt.stats.matrices += x.size(0)
-        if route == "ops":
-            return ops.newton_schulz(
-                x, self.flat, self.eps, self.ns_algorithm, self.gram_restarts
-            )
-        # Same precision rule as Muon's pure-PyTorch path: fp32 on CPU, bf16 on accelerators.
-        ns_dtype = torch.float32 if x.device.type == "cpu" else torch.bfloat16
-        algorithm = resolve_ns_algorithm(self.ns_algorithm, x.size(1), x.size(2), x.device.type)
-        return orthogonalize(
-            x, self.schedule, self.eps, ns_dtype, algorithm=algorithm,
-            gram_restarts=self.gram_restarts,
-        )
-
-    def apply(self, u: _Unit, x: Tensor) -> None:
-        """P = P (1 - lr wd) - lr scale X, on the local tensor; x is param-shaped like it."""
-        p = self.tensors[u][0]
-        step = self.lr * u.scale
-        compute = torch.promote_types(p.dtype, torch.float32)
-        if compute == p.dtype:
-            p.mul_(self.decay).add_(x.to(compute), alpha=-step)
-        else:  # bf16/fp16 params: computed in fp32 and rounded once, as the fused step does
-            p.copy_(p.to(compute).mul_(self.decay).add_(x.to(compute), alpha=-step))
-
-
-def _to_param(u: _Unit, x: Tensor, shape: Any) -> Tensor:
-    """(b, m, n) wide matrices back to the param's orientation and the given shape."""
-    return (x.mT if u.tall else x).reshape(shape)
+    beta: float
+    nesterov: bool
+    eps: float
+    weight_decay: float
+    flat: list[float]
+    schedule: list[tuple[float, float, float]]
+    ns_algorithm: str
+    gram_restarts: list[int]
+    workspace_limit: int
+    lr: Any  # float or Tensor (group["lr"])
+    grad_scale: Tensor | None
+    found_inf: Tensor | None  # MAX over the ranks of every rank's flag (device tensor)
 
 
 def _step_group(
     rt: _Runtime,
-    state: dict,
+    optimizer: Any,
     group: dict[str, Any],
     layout: _Layout,
     units: list[_Unit],
     grad_scale: Tensor | None,
+    found_inf: Tensor | None,
 ) -> None:
-    gs = _GroupStep(rt, state, group, grad_scale)
+    schedule = resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
+    limit = getattr(optimizer, "workspace_limit", None)
+    sc = _Scalars(
+        beta=group["momentum"], nesterov=group["nesterov"], eps=group["eps"],
+        weight_decay=group["weight_decay"], flat=flat_coefficients(schedule), schedule=schedule,
+        ns_algorithm=group.get("ns_algorithm", "standard"),
+        gram_restarts=resolve_gram_restarts(group.get("gram_restarts"), len(schedule)),
+        workspace_limit=-1 if limit is None else int(limit), lr=group["lr"],
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+    tensors = {u: _unit_tensors(optimizer.state, u) for u in units}
+    for b in rt.plan(layout, units, len(schedule)):
+        _step_bucket(rt, b, tensors, sc)
     for u in units:
-        gs.momentum(u)
-    plan = rt.plan(layout, units, len(gs.schedule))
-
-    # 1. Sharded params: every shard of the update to its owner. All buckets are sent first, so
-    #    later buckets travel while owners orthogonalize earlier ones.
-    inbound = {i: _send_to_owners(rt, b, gs) for i, b in enumerate(plan) if b.sharded}
-    # 2. Unrecognised DTensor layouts: the whole update on every rank.
-    full = {
-        u: _full_tensor(u, gs.nesterov_update(u))
-        for b in plan
-        for u in b.local
-        if u.kind == _GATHER
-    }
-
-    # 3. Per bucket: one batched Newton-Schulz of this rank's matrices, then share the results.
-    pending: list[tuple[Any, Any]] = []
-    for i, b in enumerate(plan):
-        local_parts = []
-        for u in b.local:
-            if u.kind == _GATHER:
-                x = full[u].reshape(u.batch, u.rows, u.cols)
-                local_parts.append((u, x.mT if u.tall else x))
-            elif u.local_batch:
-                local_parts.append((u, gs.matrices(u)))
-        rep_parts = _owned_replicated(b, gs)
-        shard_owned = [j for j, r in enumerate(b.owners) if r == b.rank]
-        shard_parts: list[Tensor] = []
-        if b.sharded:
-            handle, received = inbound[i]
-            handle.wait()
-            shard_parts = _assemble(b, shard_owned, received)
-        parts = [x for _, x in local_parts] + rep_parts + shard_parts
-        x_all = gs.newton_schulz(b.route, parts) if parts else None
-        cursor = 0
-        for u, x in local_parts:
-            x_u = x_all[cursor : cursor + x.size(0)]  # type: ignore[index]
-            cursor += x.size(0)
-            if u.kind == _GATHER:
-                gs.apply(u, _local_slice(u, _to_param(u, x_u, u.param.shape)))
-            else:
-                gs.apply(u, _to_param(u, x_u, gs.tensors[u][0].shape))
-        if b.replicated:
-            count = b.counts[b.rank]
-            mine = x_all[cursor : cursor + count] if count else None  # type: ignore[index]
-            cursor += count
-            pending.append(_share_replicated(rt, b, gs, mine))
-        if b.sharded:
-            results = []
-            for j in shard_owned:
-                u = b.sharded[j]
-                results.append(_to_param(u, x_all[cursor : cursor + u.batch], u.param.shape))  # type: ignore[index]
-                cursor += u.batch
-            pending.append(_return_slices(rt, b, gs, shard_owned, results))
-
-    # 4. Apply what the other owners computed, bucket by bucket as it arrives.
-    for handle, finish in pending:
-        handle.wait()
-        finish()
+        if u.kind == _GATHER:
+            _step_gathered(rt, u, tensors[u], sc)
 
 
-# ---------------------------------------------------------------------- DDP: replicated params
+def _unit_tensors(state: dict, u: _Unit) -> tuple[Tensor, Tensor, Tensor]:
+    """This rank's (param, grad, momentum) of a unit, creating zero momentum on first use."""
+    p = u.param
+    st = state[p]
+    buf = st.get("momentum_buffer")
+    if buf is None:
+        st["momentum_buffer"] = buf = torch.zeros_like(
+            p, dtype=momentum_dtype(p), memory_format=torch.contiguous_format
+        )
+    grad = p.grad
+    placements = getattr(p, "placements", None)
+    if placements is not None and grad.placements != placements:  # type: ignore[union-attr]
+        grad = grad.redistribute(p.device_mesh, placements)  # type: ignore[union-attr]
+    g = _local(grad)
+    return _local(p), g if g.is_contiguous() else g.contiguous(), _local(buf)
 
 
-def _owned_replicated(b: _Bucket, gs: _GroupStep) -> list[Tensor]:
-    """This rank's share of a bucket's replicated matrices (a contiguous range)."""
-    if not b.replicated:
-        return []
-    lo, hi = b.starts[b.rank], b.starts[b.rank] + b.counts[b.rank]
-    parts, offset = [], 0
-    for u in b.replicated:
-        a, z = max(lo, offset), min(hi, offset + u.batch)
-        if a < z:
-            parts.append(gs.matrices(u, a - offset, z - offset))
-        offset += u.batch
-    return parts
-
-
-def _share_replicated(rt: _Runtime, b: _Bucket, gs: _GroupStep, mine: Tensor | None):
-    """One all_gather per bucket; each rank contributes max(counts) slots (padded)."""
-    slots = max(b.counts)
-    dtype = _ns_out_dtype(b.route, gs.tensors[b.replicated[0]][2])
-    device = _local(b.replicated[0].param).device
-    if mine is not None and mine.size(0) == slots:
-        send = mine  # a contiguous slice of the bucket's Newton-Schulz output
-    else:  # fewer matrices than the busiest owner: zero padding (at most one slot)
-        send = torch.zeros(slots, b.m, b.n, dtype=dtype, device=device)
-        if mine is not None:
-            send[: mine.size(0)].copy_(mine)
-    out = torch.empty(b.world * slots, b.m, b.n, dtype=dtype, device=device)
-    handle = _all_gather_async(rt, out, send, b.pg)
-
-    def finish() -> None:
-        if all(c == slots for c in b.counts):
-            ordered = out
-        else:
-            ordered = torch.cat([out[r * slots : r * slots + c] for r, c in enumerate(b.counts)])
-        offset = 0
-        for u in b.replicated:
-            gs.apply(u, _to_param(u, ordered[offset : offset + u.batch], gs.tensors[u][0].shape))
-            offset += u.batch
-
-    return handle, finish
-
-
-def _ns_out_dtype(route: str, momentum: Tensor) -> torch.dtype:
-    """Newton-Schulz output dtype: the op keeps its input's (the momentum's) dtype."""
+def _momentum(route: str, grads, bufs, sc: _Scalars, out: Tensor) -> None:
     if route == "ops":
-        return momentum.dtype
-    return torch.float32 if momentum.device.type == "cpu" else torch.bfloat16
+        device = out.device
+        ops.muon_momentum_(
+            grads, bufs, sc.beta, sc.nesterov,
+            None if sc.grad_scale is None else scalar_on(sc.grad_scale, device),
+            None if sc.found_inf is None else scalar_on(sc.found_inf, device), out,
+        )
+    else:
+        momentum_packed_(grads, bufs, sc.beta, sc.nesterov, sc.grad_scale, sc.found_inf, out)
 
 
-# ---------------------------------------------------------------------- FSDP2: sharded params
+def _orthogonalize(rt: _Runtime, route: str, x: Tensor, shapes: list[int], sc: _Scalars) -> None:
+    if not shapes:
+        return
+    rt.stats.matrices += sum(shapes[k] for k in range(0, len(shapes), 3))
+    if route == "ops":
+        ops.muon_orthogonalize_(x, shapes, sc.flat, sc.eps, sc.ns_algorithm, sc.gram_restarts,
+                                sc.workspace_limit)
+    else:
+        # Per segment shape, as the single-process pure-PyTorch step resolves it.
+        algorithm = [
+            resolve_ns_algorithm(sc.ns_algorithm, shapes[k + 1], shapes[k + 2], x.device.type)
+            for k in range(0, len(shapes), 3)
+        ]
+        orthogonalize_packed_(x, shapes, sc.schedule, sc.eps, algorithm, sc.gram_restarts)
 
 
-def _send_to_owners(rt: _Runtime, b: _Bucket, gs: _GroupStep) -> tuple[Any, Tensor]:
-    """all_to_all #1: this rank's shard of every param of the bucket, to that param's owner."""
-    by_owner: list[list[Tensor]] = [[] for _ in range(b.world)]
-    for u, r in zip(b.sharded, b.owners):
-        by_owner[r].append(gs.nesterov_update(u).reshape(-1))
-    in_splits = [sum(t.numel() for t in ts) for ts in by_owner]
-    mine = [u for u, r in zip(b.sharded, b.owners) if r == b.rank]
-    out_splits = [sum(u.local_numel(s) for u in mine) for s in range(b.world)]
-    dtype = gs.tensors[b.sharded[0]][2].dtype
-    device = _local(b.sharded[0].param).device
-    flat = [t for ts in by_owner for t in ts]
-    send = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
-    received = torch.empty(sum(out_splits), dtype=dtype, device=device)
-    handle = _all_to_all_async(rt, received, send, out_splits, in_splits, b.pg, b.rank)
-    return handle, received
+def _update(route: str, params, x: Tensor, scales: list[float], sc: _Scalars) -> None:
+    if route == "ops":
+        device = x.device
+        ops.muon_update_(
+            params, x, lr_tensor(sc.lr, device), sc.weight_decay, scales,
+            None if sc.found_inf is None else scalar_on(sc.found_inf, device),
+        )
+    else:
+        update_packed_(params, x, sc.lr, sc.weight_decay, scales, sc.found_inf)
 
 
-def _assemble(b: _Bucket, owned: list[int], received: Tensor) -> list[Tensor]:
-    """The owner's whole matrices, (b, m, n) wide, from the shards every rank sent."""
-    units = [b.sharded[j] for j in owned]
-    pieces: list[list[Tensor]] = [[] for _ in units]
+def _copy_blocks(src: Tensor, dst: Tensor, blocks: list[int]) -> None:
+    if extension_available():
+        ops.muon_copy_blocks_(src, dst, blocks)
+    else:
+        copy_blocks_packed_(src, dst, blocks)
+
+
+def _step_bucket(rt: _Runtime, b: _Bucket, tensors: dict, sc: _Scalars) -> None:
+    """One bucket: NOTE: [Distributed step on the phase ops]."""
+    t = b.tables
+    if not t.order:
+        return
+    local = [tensors[u] for u in t.order]
+    buf_dtype = local[0][2].dtype
+    device = local[0][2].device
+    u_buf = torch.empty(t.total, dtype=buf_dtype, device=device)
+    _momentum(b.route, [x[1] for x in local], [x[2] for x in local], sc, u_buf)
+
+    shard_part = u_buf[t.shard_range[0] : t.shard_range[1]]
+    whole = None
+    if b.sharded:  # all_to_all #1: every shard to its owner, reassembled there
+        received = torch.empty(sum(t.recv_splits), dtype=buf_dtype, device=device)
+        _all_to_all_async(rt, received, shard_part, t.recv_splits, t.send_splits, b.pg,
+                          b.rank).wait()
+        whole = torch.empty(t.whole_numel, dtype=buf_dtype, device=device)
+        _copy_blocks(received, whole, t.unpack_blocks)
+        del received
+
+    _orthogonalize(rt, b.route, u_buf[: t.local_numel], t.local_shapes, sc)
+    own = u_buf[t.own_range[0] : t.own_range[1]]
+    _orthogonalize(rt, b.route, own, t.own_shapes, sc)
+
+    pending = []
+    if b.sharded:
+        _orthogonalize(rt, b.route, whole, t.whole_shapes, sc)
+        back = torch.empty(sum(t.send2_splits), dtype=buf_dtype, device=device)
+        _copy_blocks(whole, back, t.pack_blocks)  # type: ignore[arg-type]
+        # all_to_all #2: into the sharded part of the buffer (the send of #1 has completed).
+        pending.append(_all_to_all_async(rt, shard_part, back, t.send_splits, t.send2_splits,
+                                         b.pg, b.rank))
+    if b.replicated:  # one all_gather: each rank contributes max(counts) matrix slots
+        slot = b.m * b.n
+        slots = max(b.counts)
+        if b.counts[b.rank] == slots:
+            send = own
+        else:  # fewer matrices than the busiest owner: padding (at most one slot)
+            send = torch.zeros(slots * slot, dtype=buf_dtype, device=device)
+            send[: own.numel()].copy_(own)
+        gathered = torch.empty(b.world * slots * slot, dtype=buf_dtype, device=device)
+        pending.append(_all_gather_async(rt, gathered, send, b.pg))
+    for handle in pending:
+        handle.wait()
+    if b.replicated:
+        rep = u_buf[t.rep_range[0] : t.rep_range[1]]
+        _copy_blocks(gathered, rep, t.gather_blocks)
+    _update(b.route, [x[0] for x in local], u_buf, t.scales, sc)
+
+
+def _step_gathered(rt: _Runtime, u: _Unit, tensors: tuple, sc: _Scalars) -> None:
+    """An unrecognised DTensor layout: the whole update on every rank, keep the local slice."""
+    p, g, m = tensors
+    buf = torch.empty(m.numel(), dtype=m.dtype, device=m.device)
+    _momentum(u.route, [g], [m], sc, buf)
+    full = _full_tensor(u, buf.view(m.shape)).contiguous().view(-1)
+    _orthogonalize(rt, u.route, full, [u.batch, u.rows, u.cols], sc)
+    x = _local_slice(u, full.view(u.param.shape)).contiguous().view(-1)
+    _update(u.route, [p], x, [u.scale], sc)
+
+
+# ---------------------------------------------------------------------- packing tables
+
+
+@dataclass
+class _Tables:
+    """A bucket's packed layout on this rank (made once per plan; NOTE: [Distributed step on
+    the phase ops]). Offsets count elements of the buffer U of muon_momentum_."""
+
+    order: list[_Unit] = field(default_factory=list)  # the ops' tensor order
+    scales: list[float] = field(default_factory=list)
+    total: int = 0
+    local_numel: int = 0
+    local_shapes: list[int] = field(default_factory=list)
+    rep_range: tuple[int, int] = (0, 0)
+    own_range: tuple[int, int] = (0, 0)
+    own_shapes: list[int] = field(default_factory=list)
+    gather_blocks: list[int] = field(default_factory=list)  # all_gather slots -> rep_range
+    shard_range: tuple[int, int] = (0, 0)
+    send_splits: list[int] = field(default_factory=list)  # elements to each rank (#1)
+    recv_splits: list[int] = field(default_factory=list)  # elements from each rank (#1)
+    whole_numel: int = 0
+    whole_shapes: list[int] = field(default_factory=list)
+    unpack_blocks: list[int] = field(default_factory=list)  # received -> whole params
+    pack_blocks: list[int] = field(default_factory=list)  # whole params -> each rank's slices
+    send2_splits: list[int] = field(default_factory=list)  # elements to each rank (#2)
+
+
+def _shard_block(u: _Unit, rank: int) -> tuple[int, int, int, int]:
+    """Rank ``rank``'s shard of ``u`` inside the whole param (contiguous, param-shaped) as a 2-D
+    block: (offset, stride, rows, width); the shard itself is that block, contiguous."""
+    shape = list(u.param.shape)
+    d = u.shard_dim
+    outer = math.prod(shape[:d])
+    inner = math.prod(shape[d + 1 :])
+    start = sum(u.chunks[:rank])
+    return start * inner, shape[d] * inner, outer, u.chunks[rank] * inner
+
+
+def _make_tables(b: _Bucket) -> _Tables:
+    t = _Tables()
+    local = [u for u in b.local if u.kind == _LOCAL and u.local_batch]
+    sharded = [u for s in range(b.world) for u, o in zip(b.sharded, b.owners) if o == s]
+    t.order = local + b.replicated + sharded
+    t.scales = [u.scale for u in t.order]
     offset = 0
-    for s in range(b.world):  # received holds, per source rank, its shards in bucket order
-        for k, u in enumerate(units):
-            numel = u.local_numel(s)
-            pieces[k].append(received[offset : offset + numel].view(u.local_shape(s)))
-            offset += numel
-    parts = []
-    for u, ps in zip(units, pieces):
-        x = torch.cat(ps, dim=u.shard_dim).reshape(u.batch, u.rows, u.cols)
-        parts.append(x.mT if u.tall else x)
-    return parts
-
-
-def _return_slices(
-    rt: _Runtime, b: _Bucket, gs: _GroupStep, owned: list[int], results: list[Tensor]
-):
-    """all_to_all #2: each rank's slice of every result this rank owns, back to that rank."""
-    units = [b.sharded[j] for j in owned]
-    outgoing: list[list[Tensor]] = [[] for _ in range(b.world)]
-    for u, x in zip(units, results):
-        for r, piece in enumerate(torch.split(x, list(u.chunks), dim=u.shard_dim)):
-            outgoing[r].append(piece.reshape(-1))
-    in_splits = [sum(t.numel() for t in ts) for ts in outgoing]
-    out_splits = [
-        sum(u.local_numel(b.rank) for u, o in zip(b.sharded, b.owners) if o == s)
-        for s in range(b.world)
-    ]
-    dtype = _ns_out_dtype(b.route, gs.tensors[b.sharded[0]][2])
-    device = _local(b.sharded[0].param).device
-    flat = [t for ts in outgoing for t in ts]
-    send = torch.cat(flat).to(dtype) if flat else torch.empty(0, dtype=dtype, device=device)
-    received = torch.empty(sum(out_splits), dtype=dtype, device=device)
-    handle = _all_to_all_async(rt, received, send, out_splits, in_splits, b.pg, b.rank)
-
-    def finish() -> None:
-        offset = 0
-        for s in range(b.world):
-            for u, o in zip(b.sharded, b.owners):
-                if o == s:
-                    numel = u.local_numel(b.rank)
-                    gs.apply(u, received[offset : offset + numel].view(u.local_shape(b.rank)))
-                    offset += numel
-
-    return handle, finish
+    for u in local:
+        t.local_shapes += [u.local_batch, u.rows, u.cols]
+        offset += u.local_batch * u.rows * u.cols
+    t.local_numel = offset
+    slot = b.m * b.n
+    if b.replicated:
+        rep_start = offset
+        offset += sum(u.batch for u in b.replicated) * slot
+        t.rep_range = (rep_start, offset)
+        lo, count = b.starts[b.rank], b.counts[b.rank]
+        t.own_range = (rep_start + lo * slot, rep_start + (lo + count) * slot)
+        first = 0
+        for u in b.replicated:  # this rank's matrices [lo, lo + count) of the concatenation
+            a, z = max(lo, first), min(lo + count, first + u.batch)
+            if a < z:
+                t.own_shapes += [z - a, u.rows, u.cols]
+            first += u.batch
+        slots = max(b.counts)
+        for r in range(b.world):
+            t.gather_blocks += [r * slots * slot, 0, b.starts[r] * slot, 0, 1, b.counts[r] * slot]
+    shard_start = offset
+    mine = [u for u, o in zip(b.sharded, b.owners) if o == b.rank]
+    for u in sharded:
+        offset += u.local_numel(b.rank)
+    t.shard_range = (shard_start, offset)
+    t.total = offset
+    if b.sharded:
+        t.send_splits = [
+            sum(u.local_numel(b.rank) for u, o in zip(b.sharded, b.owners) if o == r)
+            for r in range(b.world)
+        ]
+        t.recv_splits = [sum(u.local_numel(s) for u in mine) for s in range(b.world)]
+        bases, base = [], 0
+        for u in mine:
+            bases.append(base)
+            t.whole_shapes += [u.batch, u.rows, u.cols]
+            base += u.param.numel()
+        t.whole_numel = base
+        src = 0
+        for s in range(b.world):  # received: per source rank, its shard of each unit I own
+            for u, whole_base in zip(mine, bases):
+                off, stride, rows, width = _shard_block(u, s)
+                if rows * width:
+                    t.unpack_blocks += [src, width, whole_base + off, stride, rows, width]
+                src += rows * width
+        dst = 0
+        t.send2_splits = []
+        for r in range(b.world):  # to each rank, its shard of each unit I own
+            start = dst
+            for u, whole_base in zip(mine, bases):
+                off, stride, rows, width = _shard_block(u, r)
+                if rows * width:
+                    t.pack_blocks += [whole_base + off, stride, dst, width, rows, width]
+                dst += rows * width
+            t.send2_splits.append(dst - start)
+    return t
 
 
 # ---------------------------------------------------------------------- fallback: gather
@@ -844,8 +896,10 @@ def _dtensor_type() -> type | None:
 
 
 def _local(t: Tensor) -> Tensor:
-    dtensor = _dtensor_type()
-    return t.to_local() if dtensor is not None and isinstance(t, dtensor) else t  # type: ignore[attr-defined]
+    """A DTensor's local tensor (its attribute: to_local() costs microseconds per call, a step
+    asks for three per param), or the tensor itself."""
+    local = getattr(t, "_local_tensor", None)
+    return t if local is None else local
 
 
 def _world(pg: Any) -> int:
@@ -900,8 +954,26 @@ def _default_group(pg: Any) -> Any:
     return pg if pg is not None else dist.group.WORLD
 
 
+def _host_group(rt: _Runtime, pg: Any) -> Any:
+    """The group that carries the per-step header: ``pg`` itself under gloo, else a gloo group
+    over the same ranks, made once (only by those ranks), so that the header, host facts, is
+    a CPU tensor and reading it back is no device sync."""
+    import torch.distributed as dist
+
+    if str(dist.get_backend(pg)) == "gloo":
+        return pg
+    group = rt.host_groups.get(id(pg))
+    if group is None:
+        group = dist.new_group(
+            dist.get_process_group_ranks(pg), backend="gloo", use_local_synchronization=True
+        )
+        rt.host_groups[id(pg)] = group
+    return group
+
+
 def _comm_device(pg: Any, units: list[_Unit]) -> torch.device:
-    """Where the header lives: the CPU for gloo, else the params' (or the current) device."""
+    """Where the one-time replication check's sums live: the CPU for gloo, else the params'
+    (or the current) device."""
     import torch.distributed as dist
 
     if str(dist.get_backend(pg)) == "gloo":

@@ -19,15 +19,19 @@ __all__ = [
     "NS_ALGORITHMS",
     "block_view",
     "blocks_of",
+    "copy_blocks_packed_",
     "gram_flops",
     "gram_newton_schulz",
     "matrix_view",
+    "momentum_packed_",
     "muon_step_reference",
     "normuon_",
     "normuon_rows",
     "normuon_views",
     "orthogonalize",
+    "orthogonalize_packed_",
     "standard_flops",
+    "update_packed_",
     "default_gram_restarts",
     "resolve_gram_restarts",
     "validate_gram_restarts",
@@ -196,6 +200,72 @@ def orthogonalize(
     if tall:
         X = X.transpose(1, 2)
     return X.squeeze(0) if squeeze else X
+
+
+# The phase ops on packed buffers (NOTE: [Phase ops] in csrc/muon_step_args.h) in pure PyTorch:
+# what the distributed driver runs for params the fused ops do not take (float64, devices
+# without the extension). They read found_inf and a Tensor lr on the host, as the pure-PyTorch
+# single-process step does; Newton-Schulz in fp32 on the CPU and bf16 elsewhere (as torch).
+
+
+def _skip(found_inf: Tensor | None) -> bool:
+    return found_inf is not None and bool(found_inf.reshape(-1)[0] != 0)
+
+
+def momentum_packed_(grads, momentum_buffers, momentum, nesterov, grad_scale=None,
+                     found_inf=None, out=None) -> None:
+    """``muon_momentum_``: M = lerp(M, G / s, 1 - beta); U packed into ``out``."""
+    if _skip(found_inf):
+        return
+    offset = 0
+    for g, m in zip(grads, momentum_buffers):
+        g = g.to(m.dtype).view(m.shape)
+        if grad_scale is not None:
+            g = g / grad_scale.to(device=g.device, dtype=g.dtype)
+        m.lerp_(g, 1 - momentum)
+        if out is not None:
+            u = g.lerp(m, momentum) if nesterov else m
+            out[offset : offset + m.numel()].copy_(u.reshape(-1))
+        offset += m.numel()
+
+
+def orthogonalize_packed_(x, shapes, ns_coefficients, eps, algorithm="standard",
+                          gram_restarts=None) -> None:
+    """``muon_orthogonalize_``: each (batch, rows, cols) segment of ``x`` orthogonalized in
+    place. ``algorithm``: one for all, or a list with one per segment."""
+    ns_dtype = torch.float32 if x.device.type == "cpu" else torch.bfloat16
+    offset = 0
+    for k in range(0, len(shapes), 3):
+        batch, rows, cols = shapes[k : k + 3]
+        seg = x[offset : offset + batch * rows * cols].view(batch, rows, cols)
+        offset += seg.numel()
+        alg = algorithm if isinstance(algorithm, str) else algorithm[k // 3]
+        if seg.numel():
+            seg.copy_(orthogonalize(seg, ns_coefficients, eps, ns_dtype, algorithm=alg,
+                                    gram_restarts=gram_restarts))
+
+
+def update_packed_(params, x, lr, weight_decay, update_scales, found_inf=None) -> None:
+    """``muon_update_``: P = P (1 - lr wd) - lr scale_i X_i, X packed in ``x``."""
+    if _skip(found_inf):
+        return
+    lr = float(lr) if not isinstance(lr, Tensor) else float(lr.reshape(-1)[0])
+    offset = 0
+    for p, scale in zip(params, update_scales):
+        xi = x[offset : offset + p.numel()].view(p.shape)
+        offset += p.numel()
+        compute = torch.promote_types(p.dtype, torch.float32)
+        p.copy_(p.to(compute).mul_(1 - lr * weight_decay).add_(xi.to(compute), alpha=-lr * scale))
+
+
+def copy_blocks_packed_(src, dst, blocks) -> None:
+    """``muon_copy_blocks_``: 6-tuples (src_offset, src_stride, dst_offset, dst_stride, rows,
+    width) of strided 2-D blocks."""
+    for k in range(0, len(blocks), 6):
+        so, ss, do, ds, rows, width = blocks[k : k + 6]
+        if rows and width:
+            dst.as_strided((rows, width), (ds, 1), do).copy_(
+                src.as_strided((rows, width), (ss, 1), so))
 
 
 # NOTE: [NorMuon state]

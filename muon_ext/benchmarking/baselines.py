@@ -221,7 +221,7 @@ class _ShapeBatched:
 
 def _muon_ext(params: list[Tensor], grads: list[Tensor], cfg: StepConfig) -> Callable[[], None]:
     import muon_ext
-    from muon_ext.optim import _fused_device_supported
+    from muon_ext.dispatch import fused_device_supported as _fused_device_supported
 
     device = params[0].device
     if not _fused_device_supported(device):

@@ -1,0 +1,73 @@
+"""Which implementation steps a param, and the scalars handed to the ops.
+
+Shared by the optimizer (``muon_ext.optim``) and the distributed driver
+(``muon_ext.distributed``), so that neither imports the other for it: the optimizer calls the
+driver, and both decide alike whether a param takes the fused ops or the pure-PyTorch path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._extension import extension_available
+
+__all__ = [
+    "FUSED_DTYPES",
+    "fused_device_supported",
+    "fused_supported",
+    "lr_tensor",
+    "momentum_dtype",
+    "scalar_on",
+    "takes_fused_step",
+]
+
+# Param dtypes the fused ops take; float64 params run the pure-PyTorch path.
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def momentum_dtype(param: Tensor) -> torch.dtype:
+    """Momentum is kept in fp32 for low-precision params (bf16 momentum loses small grads)."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def fused_device_supported(device: torch.device) -> bool:
+    if not extension_available():
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type != "cuda":
+        # meta, mps, xpu, ...: no fused kernel; such params take the pure-PyTorch step.
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("muon_ext::muon_step_", "CUDA")
+
+
+def fused_supported(p: Tensor, group: dict[str, Any]) -> bool:
+    """Whether the built extension has a fused step for ``p``'s dtype and device (and, with
+    NorMuon, device: the CUDA step has no NorMuon yet, so such params take the pure loop)."""
+    if group.get("normuon", False) and p.device.type != "cpu":
+        return False
+    return p.dtype in FUSED_DTYPES and fused_device_supported(p.device)
+
+
+def takes_fused_step(p: Tensor, group: dict[str, Any]) -> bool:
+    """Whether ``p`` is stepped by the fused ops (else by the pure-PyTorch path)."""
+    return group["fused"] is not False and fused_supported(p, group)
+
+
+def scalar_on(t: Tensor, device: torch.device) -> Tensor:
+    """A 1-element tensor for the ops: as is when on ``device`` or on the CPU (the ops read a
+    CPU scalar on the host, no copy), else moved on the device side. Never a host sync."""
+    if t.device == device or t.device.type == "cpu":
+        return t
+    return t.to(device)
+
+
+def lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
+    if isinstance(lr, Tensor):
+        return scalar_on(lr, device).reshape(())
+    # A CPU float64 scalar (read on the host by the op). Under torch.compile a float lr is a
+    # constant of the graph, and a new value recompiles: schedule a Tensor lr instead.
+    return torch.tensor(float(lr), dtype=torch.float64)
