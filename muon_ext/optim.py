@@ -19,7 +19,12 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import distributed as _distributed
 from . import ops
-from ._extension import extension_available
+from ._extension import _C, extension_available
+from .dispatch import FUSED_DTYPES, momentum_dtype
+from .dispatch import fused_supported as _fused_supported
+from .dispatch import lr_tensor as _lr_tensor
+from .dispatch import scalar_on as _scalar_on
+from .dispatch import takes_fused_step as _takes_fused_step
 from .coefficients import (
     ADJUST_LR_FNS,
     DEFAULT_RMS_TARGET,
@@ -45,26 +50,6 @@ from .reference import (
 )
 
 __all__ = ["FUSED_DTYPES", "Muon"]
-
-# Param dtypes the fused ops take; float64 params run the pure-PyTorch path.
-FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def momentum_dtype(param: Tensor) -> torch.dtype:
-    """Momentum is kept in fp32 for low-precision params (bf16 momentum loses small grads)."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
-
-
-def _fused_device_supported(device: torch.device) -> bool:
-    if not extension_available():
-        return False
-    if device.type == "cpu":
-        return True
-    if device.type != "cuda":
-        # meta, mps, xpu, ...: no fused kernel; such params take the pure-PyTorch step.
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("muon_ext::muon_step_", "CUDA")
-
 
 @dataclass
 class _Call:
@@ -343,7 +328,9 @@ class Muon(Optimizer):
             normuon_beta2=normuon_beta2, normuon_eps=normuon_eps,
         )
         _validate_hyperparameters(defaults, where="Muon")
-        self._plans: dict[int, tuple[tuple, list[Tensor], list[_Call]]] = {}
+        # Per group: (key, state tensors, calls, the params' state dicts): NOTE: [Cached plan].
+        self._plans: dict[int, tuple[tuple, list[Any], list[_Call], list[dict]]] = {}
+        self._dist_checked: dict[int, tuple] = {}  # distributed groups: key of the last check
         # What the check phase of the current step found for each group: (params, grads).
         self._pending: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
         super().__init__(params, defaults)
@@ -365,6 +352,7 @@ class Muon(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._plans = {}
+        self._dist_checked = {}
         self._pending = {}
         self.__dict__.setdefault("distributed_mode", None)
         self.__dict__.setdefault("process_group", None)
@@ -409,6 +397,7 @@ class Muon(Optimizer):
         for group in self.param_groups:
             _fill_later_keys(group)
         self._plans = {}
+        self._dist_checked = {}
 
     # ------------------------------------------------------------------ the step
 
@@ -455,30 +444,30 @@ class Muon(Optimizer):
         _validate_hyperparameters(group, where=f"param_groups[{index}]", check_tensor_value=False)
         self._pending.pop(index, None)
         _refuse_distributed_blocks(self, group, index)
-        if torch.compiler.is_compiling() or _distributed.wanted(self, group):
+        if torch.compiler.is_compiling():
             self._check_params_for_step(group, index)
             return
-        params, grads = [], []
-        for p in group["params"]:
-            g = p.grad
-            if g is None:
-                continue
-            if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device or g.is_sparse:
-                self._check_params_for_step(group, index)  # raises, naming the param
-            params.append(p)
-            grads.append(g)
+        params = [p for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        bad, pointers = _step_facts(params, grads)
+        if bad >= 0:
+            self._check_params_for_step(group, index)  # raises, naming the param
+        if _distributed.wanted(self, group):
+            # The distributed driver keeps its own plan; the per-param checks run again only
+            # when the params or rules change (or a checkpoint is loaded).
+            key = (tuple(map(id, params)), pointers, *_group_rules(group))
+            if self._dist_checked.get(index) != key:
+                self._check_params_for_step(group, index)
+                self._dist_checked[index] = key
+            return
         # The per-param checks run again only when the cached plan is stale; the plan itself is
         # (re)built in the step phase, since it creates state and the check phase changes nothing.
+        key = (tuple(map(id, params)), pointers, *_group_rules(group))
         cached = self._plans.get(index)
-        fresh = (
-            cached is not None
-            and cached[0][0] == tuple(map(id, params))
-            and cached[0][2:] == _group_rules(group)
-            and _same_buffers(cached[1], self.state, params)
-        )
+        fresh = cached is not None and cached[0] == key and _same_buffers(cached[1], cached[3])
         if not fresh:
             self._check_params_for_step(group, index)
-        self._pending[index] = (params, grads)
+        self._pending[index] = (params, grads, key, fresh)
 
     def _check_params_for_step(self, group: dict[str, Any], index: int) -> None:
         """The per-param checks, with errors that name the parameter."""
@@ -600,8 +589,8 @@ class Muon(Optimizer):
             vs = _normuon_list(self.state, params, group)
             calls = _make_calls(group, params, bufs, vs) if params else []
         else:
-            params, grads = pending
-            calls = self._plan(index, group, params) if params else []
+            params, grads, key, fresh = pending
+            calls = self._plans[index][2] if fresh else self._plan(index, group, params, key)
         if not params:
             return
         schedule = resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
@@ -613,22 +602,20 @@ class Muon(Optimizer):
     # A step's host work must grow with groups and shape buckets, not parameters. Everything
     # that depends only on which params have grads (their state, matrix views, scales, which
     # fused call takes them, the one-time state checks) is made once and reused while the key
-    # below stays the same: the params' identities and storage (a `p.data = ...` swap changes
-    # it), the group's rules (adjust_lr_fn, fused, capturable and the matrix-block settings
-    # num_heads, split_sizes, split_dim, rms_target: see _group_rules), and the momentum
-    # buffers' identities. Per step, Python only collects the grads and views them (one view
-    # per matrix block); the op checks the grads in C++ before any write.
-    def _plan(self, index: int, group: dict[str, Any], params: list[Tensor]) -> list[_Call]:
-        """Which fused calls a group's step makes; cached while its params and rules stay put."""
+    # stays the same: the params' identities, a hash of their data pointers (a `p.data = ...`
+    # swap changes it) and the group's rules (adjust_lr_fn, fused, capturable and the
+    # matrix-block settings num_heads, split_sizes, split_dim, rms_target, normuon: see
+    # _group_rules); and while the state tensors the plan's views point into are still in the
+    # params' state dicts (a replaced momentum buffer is seen; load_state_dict drops the plans).
+    # Per step, Python collects the grads and makes one C++ pass over them (_step_facts: do they
+    # match their params, and the pointer hash); grads are handed to the op as they are (the op
+    # reads a contiguous grad as its param's matrices), only matrix blocks are viewed.
+    def _plan(
+        self, index: int, group: dict[str, Any], params: list[Tensor], key: tuple
+    ) -> list[_Call]:
+        """Builds (and caches under ``key``, from _plan_key) which fused calls a group's step
+        makes; the check phase decides whether the cached one is still fresh."""
         state = self.state
-        key = (
-            tuple(map(id, params)),
-            tuple(p.data_ptr() for p in params),
-            *_group_rules(group),
-        )
-        cached = self._plans.get(index)
-        if cached is not None and cached[0] == key and _same_buffers(cached[1], state, params):
-            return cached[2]
         bufs: list[Any] = []
         for p in params:
             st = state[p]
@@ -641,7 +628,9 @@ class Muon(Optimizer):
         vs = _normuon_list(state, params, group)
         calls = _make_calls(group, params, bufs, vs)
         # The state tensors the plan's views point into: momentum, and NorMuon's v if on.
-        self._plans[index] = (key, bufs if vs is None else list(zip(bufs, vs)), calls)
+        self._plans[index] = (
+            key, bufs if vs is None else list(zip(bufs, vs)), calls, [state[p] for p in params]
+        )
         return calls
 
     def workspace_bytes(self) -> int:
@@ -672,17 +661,29 @@ class Muon(Optimizer):
         return most
 
 
-def _same_buffers(bufs: list[Any], state: Any, params: list[Tensor]) -> bool:
-    """Whether the cached state tensors are still the params' state (a user may replace it):
-    momentum buffers, or (momentum buffer, NorMuon vector) pairs with NorMuon on."""
-    for p, b in zip(params, bufs):
-        st = state[p]
-        if isinstance(b, tuple):
-            if st.get("momentum_buffer") is not b[0] or st.get(NORMUON_STATE_KEY) is not b[1]:
-                return False
-        elif st.get("momentum_buffer") is not b:
-            return False
-    return True
+def _step_facts(params: list[Tensor], grads: list[Tensor]) -> tuple[int, int]:
+    """(index of the first grad whose shape, dtype or device differs from its param's, or that
+    is sparse, else -1; a hash of the params' data pointers), in one C++ pass."""
+    if extension_available():
+        return _C.step_facts(params, grads)
+    bad = next(
+        (i for i, (p, g) in enumerate(zip(params, grads))
+         if g.is_sparse or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device),
+        -1,
+    )
+    return bad, hash(tuple(p.data_ptr() for p in params))
+
+
+def _same_buffers(bufs: list[Any], states: list[dict]) -> bool:
+    """Whether the cached state tensors are still in the params' state dicts (a user may replace
+    them): momentum buffers, or (momentum buffer, NorMuon vector) pairs with NorMuon on. The
+    dicts themselves are the ones the plan was built from (load_state_dict drops the plans)."""
+    if bufs and isinstance(bufs[0], tuple):
+        return all(
+            st.get("momentum_buffer") is b[0] and st.get(NORMUON_STATE_KEY) is b[1]
+            for st, b in zip(states, bufs)
+        )
+    return all(st.get("momentum_buffer") is b for st, b in zip(states, bufs))
 
 
 def _normuon_list(state: Any, params: list[Tensor], group: dict[str, Any]) -> list[Tensor] | None:
@@ -805,19 +806,6 @@ def _momentum_mismatch(buf: Tensor, p: Tensor, what: str) -> str:
     )
 
 
-def _fused_supported(p: Tensor, group: dict[str, Any]) -> bool:
-    """Whether the built extension has a fused step for ``p``'s dtype and device (and, with
-    NorMuon, device: the CUDA step has no NorMuon yet, so such params take the pure loop)."""
-    if group.get("normuon", False) and p.device.type != "cpu":
-        return False
-    return p.dtype in FUSED_DTYPES and _fused_device_supported(p.device)
-
-
-def _takes_fused_step(p: Tensor, group: dict[str, Any]) -> bool:
-    """Whether ``p`` is stepped by the fused op (else by ``_single_tensor_muon``)."""
-    return group["fused"] is not False and _fused_supported(p, group)
-
-
 def _capturable_problem(p: Tensor, group: dict[str, Any]) -> str | None:
     """Why a param of a ``capturable=True`` group could not be stepped inside a CUDA graph
     (completes "capturable=True but <param> ..."), or None. CPU params: no graphs, no syncs."""
@@ -885,22 +873,6 @@ def _check_capture_scalars(
             )
 
 
-def _scalar_on(t: Tensor, device: torch.device) -> Tensor:
-    """A 1-element tensor for the op: as is when on ``device`` or on the CPU (the op reads a
-    CPU scalar on the host, no copy), else moved on the device side. Never a host sync."""
-    if t.device == device or t.device.type == "cpu":
-        return t
-    return t.to(device)
-
-
-def _lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
-    if isinstance(lr, Tensor):
-        return _scalar_on(lr, device).reshape(())
-    # A CPU float64 scalar (read on the host by the op). Under torch.compile a float lr is a
-    # constant of the graph, and a new value recompiles: schedule a Tensor lr instead.
-    return torch.tensor(float(lr), dtype=torch.float64)
-
-
 def _run_call(
     call: _Call,
     group: dict[str, Any],
@@ -930,9 +902,11 @@ def _run_call(
         v if v is not None else block_view(buf, block).contiguous()
         for v, buf, block in zip(call.momentum_views, call.buffers, call.blocks)
     ]
+    # The op reads a contiguous grad of the param's numel as its matrices: whole-param entries
+    # pass the grad itself (no view per step); blocks pass their view.
     grad_views = []
     for g, block, shape in zip(gs, call.blocks, call.shapes):
-        v = _entry_view(g, block, shape)
+        v = g if block is None else _entry_view(g, block, shape)
         grad_views.append(v if v.is_contiguous() else v.contiguous())
     normuon = None
     if call.normuon_views is not None:

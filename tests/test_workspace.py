@@ -158,6 +158,12 @@ _PEAK_RSS_SCRIPT = textwrap.dedent(
     opt = Muon(params, workspace_limit=limit)
     for p in params:  # the state a first step would create: what the user's tensors hold
         opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+    # A step of two small matrices first: it pages in the code the big step runs (MKL's GEMM
+    # kernels, ATen's elementwise kernels), which the high-water mark would otherwise count.
+    warm = [torch.nn.Parameter(torch.randn(64, 256)) for _ in range(2)]
+    for p in warm:
+        p.grad = torch.randn_like(p)
+    Muon(warm).step()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     opt.step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
