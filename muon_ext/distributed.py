@@ -173,6 +173,9 @@ class _Unit:
     local_batch: int = 0  # _LOCAL: matrices in the local tensor (a 3-D stack's local experts)
     load_pg: Any = None  # _LOCAL expert shards: the group their experts are spread over,
     load: tuple[int, ...] = ()  # and the experts on each of its ranks (for balancing owners)
+    local: Any = None  # this rank's tensor of the param (the DTensor's local tensor)
+    placements: Any = None  # a DTensor param's placements (None: a plain tensor)
+    spec: Any = None  # a DTensor param's sharding spec (FSDP2's grads share it)
 
     @property
     def tall(self) -> bool:
@@ -244,15 +247,12 @@ class _Runtime:
             group["adjust_lr_fn"],
             group.get("rms_target", DEFAULT_RMS_TARGET),
             group["fused"],
+            # Per param its identity and its local tensor's storage, shape and dtype (cheap
+            # attributes of a plain tensor): a DTensor keeps its placements for life, and a
+            # `p.data = ...` swap changes the local tensor.
             tuple(
-                (
-                    id(p),
-                    p.shape,
-                    p.dtype,
-                    getattr(p, "placements", None),
-                    getattr(p, "device_mesh", None),
-                )
-                for p in group["params"]
+                (id(p), local.data_ptr(), local.shape, local.dtype)
+                for p, local in zip(group["params"], map(_local, group["params"]))
             ),
         )
         cached = self.layouts.get(index)
@@ -305,6 +305,9 @@ def _make_unit(
         ),
         route="ops" if fused else "reference",
         local_batch=batch,
+        local=_local(p),
+        placements=getattr(p, "placements", None),
+        spec=getattr(p, "_spec", None),
     )
     dtensor = _dtensor_type()
     if dtensor is not None and isinstance(p, dtensor):
@@ -603,11 +606,11 @@ def _unit_tensors(state: dict, u: _Unit) -> tuple[Tensor, Tensor, Tensor]:
             p, dtype=momentum_dtype(p), memory_format=torch.contiguous_format
         )
     grad = p.grad
-    placements = getattr(p, "placements", None)
-    if placements is not None and grad.placements != placements:  # type: ignore[union-attr]
-        grad = grad.redistribute(p.device_mesh, placements)  # type: ignore[union-attr]
+    spec = getattr(grad, "_spec", None)
+    if spec is not None and spec is not u.spec and spec.placements != u.placements:
+        grad = grad.redistribute(p.device_mesh, u.placements)  # type: ignore[union-attr]
     g = _local(grad)
-    return _local(p), g if g.is_contiguous() else g.contiguous(), _local(buf)
+    return u.local, g if g.is_contiguous() else g.contiguous(), _local(buf)
 
 
 def _momentum(route: str, grads, bufs, sc: _Scalars, out: Tensor) -> None:

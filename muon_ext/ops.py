@@ -117,8 +117,8 @@ def muon_orthogonalize_(
     ``(batch, rows, cols)`` triples ``shapes``, in the param's orientation) becomes
     ``NS(U / max(||U||_F, eps))``, per shape bucket, in workspace-sized chunks."""
     torch.ops.muon_ext.muon_orthogonalize_(
-        x, [int(s) for s in shapes], [float(c) for c in ns_coefficients], float(eps),
-        str(ns_algorithm), [int(r) for r in gram_restarts], int(workspace_limit),
+        x, _ints(shapes), [float(c) for c in ns_coefficients], float(eps),
+        str(ns_algorithm), _ints(gram_restarts), int(workspace_limit),
     )
 
 
@@ -141,7 +141,13 @@ def muon_copy_blocks_(src: Tensor, dst: Tensor, blocks: Sequence[int]) -> None:
     """Copies strided 2-D blocks between flat buffers: ``blocks`` holds 6-tuples
     ``(src_offset, src_stride, dst_offset, dst_stride, rows, width)``; destinations must be
     disjoint. Packs shards for collectives and reassembles whole matrices."""
-    torch.ops.muon_ext.muon_copy_blocks_(src, dst, [int(b) for b in blocks])
+    torch.ops.muon_ext.muon_copy_blocks_(src, dst, _ints(blocks))
+
+
+def _ints(values: Sequence[int]) -> list[int]:
+    """A list of ints for an int[] argument; a list is passed as is (the distributed driver's
+    tables are made once, as lists of ints, and hold thousands of entries)."""
+    return values if type(values) is list else [int(v) for v in values]
 
 
 def muon_step_workspace_bytes(
