@@ -3,11 +3,15 @@
     python benchmarks/bench_engine_targets.py mem 96    # peak extra RSS of a step, 96 x 512x2048 fp32
     python benchmarks/bench_engine_targets.py host      # Muon.step vs AdamW(fused=True), 500 x 4x4
     python benchmarks/bench_engine_targets.py normuon cpu_small   # step with normuon on vs off
+    python benchmarks/bench_engine_targets.py fsdp      # FSDP2 Muon step (gloo, 2 ranks) vs
+                                                        # AdamW(fused=True) in one process
 
 Compare two builds by running each with PYTHONPATH pointing at its tree, interleaved. ``mem``
 creates the momentum state up front, so the process's peak-RSS growth across the one step
 it runs is the step's own scratch. ``host`` interleaves 30 steps of each optimizer on one
-thread and prints the medians. Each prints one JSON line.
+thread and prints the medians. ``fsdp`` times the distributed Muon step of 256 16x16 params
+sharded by FSDP2 over 2 gloo ranks (one thread each; median of 30 steps, ranks aligned by a
+barrier before each) against torch's fused AdamW over the same shapes in one process. Each prints one JSON line.
 """
 
 import json
@@ -89,7 +93,72 @@ def normuon(suite_name: str, steps: int = 15) -> dict:
             "off_ms": a, "on_ms": b, "ratio": b / a, "steps": steps}
 
 
+def _fsdp_worker(rank: int, world: int, port: int, steps: int, queue) -> None:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(16, 16)) for _ in range(256)])
+    fully_shard(model, mesh=mesh)
+    for p in model:
+        p.grad = distribute_tensor(torch.randn(16, 16), mesh, p.placements)
+    opt = Muon(list(model), lr=0.02)
+    opt.step()
+    times = []
+    for _ in range(steps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    if rank == 0:
+        queue.put(statistics.median(times) * 1e3)
+    dist.destroy_process_group()
+
+
+def fsdp(steps: int = 30) -> dict:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    torch.set_num_threads(1)
+    ps = [torch.nn.Parameter(torch.randn(16, 16)) for _ in range(256)]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    adamw = torch.optim.AdamW(ps, fused=True)
+    adamw.step()
+    ta = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        adamw.step()
+        ta.append(time.perf_counter() - t0)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_fsdp_worker, args=(r, 2, port, steps, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    muon_ms = queue.get(timeout=600)
+    for proc in procs:
+        proc.join()
+    a = statistics.median(ta) * 1e3
+    return {"what": "fsdp", "params": "256 x 16x16", "ranks": 2, "muon_fsdp2_ms": muon_ms,
+            "adamw_fused_single_process_ms": a, "ratio": muon_ms / a}
+
+
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "fsdp":
+        print(json.dumps(fsdp()))
+        sys.exit(0)
     what = sys.argv[1] if len(sys.argv) > 1 else "host"
     if what == "normuon":
         print(json.dumps(normuon(sys.argv[2] if len(sys.argv) > 2 else "cpu_small")))
