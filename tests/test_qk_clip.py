@@ -922,10 +922,13 @@ def _count_comms(fn):
     from torch.distributed.tensor.debug import CommDebugMode
 
     calls = {"all_reduce": 0}
+    groups = []
     real = dist.all_reduce
 
     def counted(*args, **kwargs):
         calls["all_reduce"] += 1
+        group = kwargs.get("group", args[2] if len(args) > 2 else None)
+        groups.append(dist.get_process_group_ranks(group or dist.group.WORLD))
         return real(*args, **kwargs)
 
     dist.all_reduce = counted
@@ -935,7 +938,7 @@ def _count_comms(fn):
     finally:
         dist.all_reduce = real
     calls["dtensor_collectives"] = comm.get_total_counts()
-    return calls
+    return calls, groups
 
 
 def fsdp_apply(rank, world, tmp):
@@ -958,7 +961,7 @@ def fsdp_apply(rank, world, tmp):
     before = _maxima64(ref.state_dict(), x)
     recorded = torch.cat([layer.max_logit for layer in ref.layers.values()])
     clip.tau = clip_ref.tau = tau = float(recorded.median())
-    comms = _count_comms(clip.apply)
+    comms, _groups = _count_comms(clip.apply)
     clip_ref.apply()
     full = {n: U.full(p.detach()) for n, p in model.named_parameters()}
     mismatched = [n for n, p in ref.named_parameters() if not torch.equal(full[n], p.detach())]
@@ -1080,6 +1083,97 @@ def tensor_parallel(rank, world, tmp):
     }
 
 
+TP_DP_HEADS = (12, 6, 3)  # heads, key heads, head dim: 6 / 3 per tp rank, 18 / 9 rows
+
+
+def tp_dp(rank, world, tmp):
+    """4 ranks on a 2 x 2 (dp, tp) mesh: the heads split over tp (each tp rank's local q / k
+    rows of its 6 heads in its own ``nn.Linear``), each local module ``fully_shard``-ed over
+    dp (18 q rows: 9 + 9, a head split at the boundary; 9 k rows: 5 + 4), and the maxima
+    MAX-reduced over the dp group only. Compared with QK-Clip on the whole weights, recorded
+    on the same micro-batches with the same per-tp-rank projections."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp_mesh, tp = mesh["dp"], 2
+    d, t = mesh.get_local_rank("dp"), mesh.get_local_rank("tp")
+    heads, kv_heads, dim = TP_DP_HEADS
+    hl, kvl = heads // tp, kv_heads // tp
+    torch.manual_seed(U.SEED)
+    q_full, k_full = nn.Linear(D_MODEL, heads * dim), nn.Linear(D_MODEL, kv_heads * dim)
+    with torch.no_grad():  # spread the heads, so one tau has heads on both sides
+        spread = torch.linspace(0.3, 3.0, heads)[torch.randperm(heads)]
+        q_full.weight.view(heads, dim, -1).mul_(spread[:, None, None])
+    b, length = 2, 5
+    # dp rank d sees parts[d]: b sequences of length tokens, flattened (a 2-D input makes
+    # nn.Linear return a fresh tensor, not a view, which FSDP2's backward hook prefers)
+    parts = torch.randn(2 * b * length, D_MODEL).chunk(2)
+
+    def record(layer, q, k, h, kv):
+        q = q.view(b, length, h, dim).transpose(1, 2)
+        k = k.view(b, length, kv, dim).transpose(1, 2)
+        layer.record(q, k, is_causal=True)
+
+    ref = QKClip(tau=1.0)
+    ref_layer = ref.add(q_full, k_full, num_heads=heads, num_kv_heads=kv_heads)
+    def by_tp_rank(whole, part):  # the projection as the tp ranks compute it, slice by slice
+        pieces = zip(whole.weight.chunk(tp), whole.bias.chunk(tp))
+        return torch.cat([F.linear(part, w, bias) for w, bias in pieces], dim=-1)
+
+    for part in parts:
+        record(ref_layer, by_tp_rank(q_full, part), by_tp_rank(k_full, part), heads, kv_heads)
+    ref.tau = float(ref_layer.max_logit.median())
+    q_rows = slice(t * hl * dim, (t + 1) * hl * dim)
+    k_rows = slice(t * kvl * dim, (t + 1) * kvl * dim)
+    mine = slice(t * hl, (t + 1) * hl)  # this tp rank's heads
+
+    def local_run(group):
+        q, k = nn.Linear(D_MODEL, hl * dim), nn.Linear(D_MODEL, kvl * dim)
+        with torch.no_grad():
+            for mine, whole, rows in ((q, q_full, q_rows), (k, k_full, k_rows)):
+                mine.weight.copy_(whole.weight[rows])
+                mine.bias.copy_(whole.bias[rows])
+        local = nn.ModuleDict({"q": q, "k": k})
+        for m in (q, k):
+            fully_shard(m, mesh=dp_mesh)
+        clip = QKClip(tau=ref.tau, process_group=group)
+        layer = clip.add(q, k, num_heads=hl, num_kv_heads=kvl)
+        qx, kx = q(parts[d]), k(parts[d])
+        record(layer, qx, kx, hl, kvl)
+        (qx.sum() + kx.sum()).backward()  # the backward reshards the parameters
+        comms, groups = _count_comms(clip.apply)
+        return local, clip, layer, comms, groups
+
+    local, clip, layer, comms, groups = local_run(dp_mesh.get_group())
+    sharded = all(isinstance(p, DTensor) for p in local.parameters())
+    straddling = _straddling([layer])
+    mixed = local_run(None)[0]  # the whole world's group mixes the other tp rank's heads in
+    ref.apply()
+    whole = {
+        "q.weight": q_full.weight[q_rows], "q.bias": q_full.bias[q_rows],
+        "k.weight": k_full.weight[k_rows], "k.bias": k_full.bias[k_rows],
+    }
+    gathered = {n: U.full(p.detach()) for n, p in local.named_parameters()}
+    gathered_mixed = {n: U.full(p.detach()) for n, p in mixed.named_parameters()}
+    return {
+        "coordinate": [d, t],
+        "sharded": sharded,
+        "local_rows": {n: p.to_local().shape[0] for n, p in local.named_parameters()},
+        "straddling": straddling,
+        "mismatched": [n for n, w in whole.items() if not torch.equal(gathered[n], w)],
+        "same_maxima": torch.equal(layer.last_max_logit, ref_layer.last_max_logit[mine]),
+        "gamma_equal": torch.equal(layer.last_gamma, ref_layer.last_gamma[mine]),
+        "clipped": int((layer.last_gamma < 1).sum()),
+        "unclipped": int((layer.last_gamma == 1).sum()),
+        "comms": comms,
+        "reduce_groups": groups,
+        "dp_ranks": dist.get_process_group_ranks(dp_mesh.get_group()),
+        "world_group_differs": any(not torch.equal(gathered_mixed[n], w) for n, w in whole.items()),
+    }
+
+
 class _TinyGQA(nn.Module):
     """Two causal GQA layers (9/3 and 8/2 heads of 4) with residuals, for a training run."""
 
@@ -1184,7 +1278,11 @@ def fsdp_train(rank, world, tmp):
     }
 
 
-SCENARIOS = {f.__name__: f for f in (replicated, fsdp_apply, tensor_parallel, fsdp_train)}
+SCENARIOS = {
+    f.__name__: f
+    for f in (replicated, fsdp_apply, tensor_parallel, fsdp_train, tp_dp)
+}
+TP_DP_WORLD = 4  # tp_dp needs its 2 x 2 mesh, and runs alone there
 
 
 @pytest.fixture(scope="module")
@@ -1192,7 +1290,9 @@ def dist_results():
     """Every scenario, once per world size: {world: {scenario: [metrics of each rank]}}."""
     value = int(os.environ.get("MUON_EXT_TEST_SEED", random.randrange(2**31)))
     print(f"\n[test_qk_clip distributed] seed={value} (rerun with MUON_EXT_TEST_SEED={value})")
-    return U.run_workers(DIST_WORLDS, SCENARIOS, value)
+    only = {w: tuple(n for n in SCENARIOS if n != "tp_dp") for w in DIST_WORLDS}
+    only[TP_DP_WORLD] = ("tp_dp",)
+    return U.run_workers(DIST_WORLDS + (TP_DP_WORLD,), SCENARIOS, value, only=only)
 
 
 dist_worlds = pytest.mark.parametrize("world", DIST_WORLDS, ids=lambda w: f"world{w}")
@@ -1242,6 +1342,32 @@ def test_tensor_parallel_local_heads_reduce_over_data_parallel_group(dist_result
     for m in per_rank:
         assert m["equal"] and m["gamma_equal"] and m["clipped"] > 0
     # The group matters: a MAX over the whole world mixes other ranks' heads into the factors.
+    assert any(m["world_group_differs"] for m in per_rank)
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_x_fsdp2_on_2x2_mesh_equals_single_process_bit_for_bit(dist_results):
+    """4 ranks, (dp, tp) = 2 x 2: heads split over tp, each tp rank's q / k FSDP2-sharded over
+    dp (a head split by the shard boundary), the maxima MAX-reduced over dp only."""
+    per_rank = U.rank_metrics(dist_results, TP_DP_WORLD, "tp_dp")
+    assert sorted(tuple(m["coordinate"]) for m in per_rank) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for rank, m in enumerate(per_rank):
+        assert m["sharded"], m
+        assert m["local_rows"] == (
+            {"q.weight": 9, "q.bias": 9, "k.weight": 5, "k.bias": 5}
+            if m["coordinate"][0] == 0
+            else {"q.weight": 9, "q.bias": 9, "k.weight": 4, "k.bias": 4}
+        ), m["local_rows"]
+        assert m["mismatched"] == [], m["mismatched"]
+        assert m["same_maxima"] and m["gamma_equal"]
+        # Exactly one all-reduce per apply, over this rank's dp group (the ranks holding the
+        # same heads), and nothing else: no gather of the sharded weights.
+        assert m["comms"] == {"all_reduce": 1, "dtensor_collectives": 1}, m["comms"]
+        assert m["reduce_groups"] == [m["dp_ranks"]], (m["reduce_groups"], m["dp_ranks"])
+        assert len(m["dp_ranks"]) == 2 and rank in m["dp_ranks"]
+    assert any(m["straddling"] for m in per_rank)
+    assert sum(m["clipped"] for m in per_rank) > 0 and sum(m["unclipped"] for m in per_rank) > 0
+    # The group matters: a MAX over the whole world mixes the other tp rank's heads in.
     assert any(m["world_group_differs"] for m in per_rank)
 
 
