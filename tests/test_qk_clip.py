@@ -1222,25 +1222,40 @@ def _train_batch(step: int):
     return tokens, torch.cummax(tokens, dim=1).values
 
 
-def _train_step(model, opt, tokens, target):
-    opt.zero_grad(set_to_none=True)
-    logits = model(tokens)
-    F.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
-    opt.step()
+def _loss(model, tokens, target):
+    return F.cross_entropy(model(tokens).flatten(0, 1), target.flatten())
 
 
-def fsdp_train(rank, world, tmp):
-    """MuonWithAdamW + clip.attach on FSDP2 over 5 steps vs single-process, full batch."""
+def _micro_batch_grads(model, tokens, target, world):
+    """Sets the grads FSDP2's reduce-scatter gives ``world`` ranks: each rank's micro-batch
+    gradient (the ranks' own forward and backward, here one after the other), averaged.
+
+    Two ranks' average ``(g0 + g1) / 2`` does not depend on the reduction order and halving
+    is exact, so at 2 ranks these are FSDP2's gradients bit for bit; at 3 the order of the
+    sum is gloo's, and these differ by rounding. The forwards record each micro-batch's
+    maxima, which fold to the MAX the ranks all-reduce.
+    """
+    per_rank = []
+    for tk, tg in zip(_slices(tokens, world), _slices(target, world)):
+        for p in model.parameters():
+            p.grad = None
+        _loss(model, tk, tg).backward()
+        per_rank.append([p.grad for p in model.parameters()])
+    for p, grads in zip(model.parameters(), zip(*per_rank)):
+        p.grad = sum(grads[1:], grads[0]) / world
+
+
+def _fsdp_train(rank, world, dtype):
+    """MuonWithAdamW + clip.attach on FSDP2 over 5 steps vs a single process, whose grads are
+    the ranks' micro-batch grads averaged (_micro_batch_grads)."""
     runs = {}
     for kind in ("ref", "fsdp"):
         torch.manual_seed(U.SEED)
         clip = QKClip(tau=TRAIN_TAU)
-        model = _TinyGQA(clip)
+        model = _TinyGQA(clip).to(dtype)
         if kind == "fsdp":
             _fully_shard_children(model, world)
-        # Groups by name, the same for both models (muon_param_groups' memory check reads a
-        # DTensor's data_ptr, so under FSDP2 it would route the embedding-shaped matrices
-        # to AdamW, which the single-process run does not).
+        # Groups by name, the same for both models.
         hidden = [p for n, p in model.named_parameters() if not n.startswith("emb.")]
         groups = [
             {"params": hidden, "use_muon": True},
@@ -1250,11 +1265,21 @@ def fsdp_train(rank, world, tmp):
         clip.attach(opt)
         runs[kind] = (model, opt, clip)
     (ref, ref_opt, ref_clip), (model, opt, clip) = runs["ref"], runs["fsdp"]
-    rel, fro, clipped, ref_clipped = [], [], [], []
+    rel, clipped, ref_clipped, same_grads = [], [], [], []
     for step in range(TRAIN_STEPS):
         tokens, target = _train_batch(step)
-        _train_step(ref, ref_opt, tokens, target)
-        _train_step(model, opt, _slices(tokens, world)[rank], _slices(target, world)[rank])
+        ref_opt.zero_grad(set_to_none=True)
+        _micro_batch_grads(ref, tokens, target, world)
+        ref_opt.step()
+        opt.zero_grad(set_to_none=True)
+        _loss(model, _slices(tokens, world)[rank], _slices(target, world)[rank]).backward()
+        same_grads.append(
+            all(
+                torch.equal(U.full(p.grad), q.grad)
+                for p, q in zip(model.parameters(), ref.parameters())
+            )
+        )
+        opt.step()
         clipped.append(int(sum(int((h.last_gamma < 1).sum()) for h in clip.layers)))
         ref_clipped.append(int(sum(int((h.last_gamma < 1).sum()) for h in ref_clip.layers)))
         per_param = {
@@ -1262,25 +1287,27 @@ def fsdp_train(rank, world, tmp):
             for (n, p), q in zip(model.named_parameters(), ref.parameters())
         }
         rel.append(max(per_param.values()))
-        fro.append(
-            max(
-                float((U.full(p.detach()) - q.detach()).norm() / q.detach().norm())
-                for p, q in zip(model.parameters(), ref.parameters())
-            )
-        )
     return {
         "rel_diff": rel,
-        "fro_diff": fro,
         "last_by_param": per_param,
+        "same_grads": same_grads,
         "clipped": clipped,
         "ref_clipped": ref_clipped,
         "straddling": _straddling(clip.layers),
     }
 
 
+def fsdp_train(rank, world, tmp):
+    return _fsdp_train(rank, world, torch.float32)
+
+
+def fsdp_train64(rank, world, tmp):
+    return _fsdp_train(rank, world, torch.float64)
+
+
 SCENARIOS = {
     f.__name__: f
-    for f in (replicated, fsdp_apply, tensor_parallel, fsdp_train, tp_dp)
+    for f in (replicated, fsdp_apply, tensor_parallel, fsdp_train, fsdp_train64, tp_dp)
 }
 TP_DP_WORLD = 4  # tp_dp needs its 2 x 2 mesh, and runs alone there
 
@@ -1371,16 +1398,8 @@ def test_tensor_parallel_x_fsdp2_on_2x2_mesh_equals_single_process_bit_for_bit(d
     assert any(m["world_group_differs"] for m in per_rank)
 
 
-@pytest.mark.distributed
-@dist_worlds
-def test_fsdp2_training_with_muon_with_adamw_matches_single_process(dist_results, world):
-    per_rank = U.rank_metrics(dist_results, world, "fsdp_train")
-    # QK-Clip itself adds no difference (same maxima give bit-identical rows, see above); what
-    # remains is the distributed Muon step's fp32 rounding (gradients summed in another order,
-    # then Newton-Schulz): ~2e-6 of a weight's largest entry after the first step already, most
-    # in the output projections, which the clip never touches. 1e-5 as in test_distributed.
+def _check_training(per_rank, world):
     for m in per_rank:
-        assert max(m["rel_diff"]) <= 1e-5, (m["rel_diff"], m["last_by_param"])
         # The clip must act (the 3x query init puts the first step's logits far above tau;
         # later steps may fall under it, depending on the seed) and act on the same heads as in
         # the single process: a head whose maximum sits within rounding of tau could flip, so
@@ -1390,7 +1409,58 @@ def test_fsdp2_training_with_muon_with_adamw_matches_single_process(dist_results
             m["clipped"],
             m["ref_clipped"],
         )
+        # The comparison starts from the same gradients: at 2 ranks FSDP2's average of two
+        # micro-batch grads is the reference's bit for bit (later steps start from params
+        # that already carry the optimizer steps' rounding).
+        if world == 2:
+            assert m["same_grads"][0], m["same_grads"]
     assert any(m["straddling"] for m in per_rank)
+
+
+@pytest.mark.distributed
+@dist_worlds
+def test_fsdp2_training_float64_within_1e_6_of_single_process(dist_results, world):
+    """The issue's target (1e-6 relative over 5 MuonWithAdamW + QK-Clip steps of a small GQA
+    model), in float64: both runs take the pure-PyTorch Muon step (the fused op has no
+    float64), so what is compared is QK-Clip under FSDP2 and the distributed step's logic,
+    not two fp32 implementations' rounding. Measured: bit-identical at 2 ranks; at 3 ranks
+    0 to 4e-17 (the AdamW embedding, from gloo's order of the 3-rank gradient sum)."""
+    per_rank = U.rank_metrics(dist_results, world, "fsdp_train64")
+    _check_training(per_rank, world)
+    for m in per_rank:
+        assert max(m["rel_diff"]) <= 1e-6, (m["rel_diff"], m["last_by_param"])
+
+
+@pytest.mark.distributed
+@dist_worlds
+def test_fsdp2_training_with_muon_with_adamw_matches_single_process(dist_results, world):
+    per_rank = U.rank_metrics(dist_results, world, "fsdp_train")
+    _check_training(per_rank, world)
+    # fp32. QK-Clip adds no difference (same maxima give bit-identical rows, see above; the
+    # float64 run above is bit-identical). At 2 ranks the first step starts from bit-identical
+    # params and gradients and still ends 1.0e-6 .. 5.8e-6 apart (max-abs relative, worst
+    # weight, 25 seeds; largest in the output projections, which the clip never touches, and
+    # the same with the clip off): that is the distributed Muon step's fp32 path (the
+    # Newton-Schulz op between separate PyTorch momentum and update ops) against the fused
+    # single-process step. 1e-5, the bound of test_distributed.py, guards against real errors;
+    # the 1e-6 target is the next test.
+    for m in per_rank:
+        assert max(m["rel_diff"]) <= 1e-5, (m["rel_diff"], m["last_by_param"])
+
+
+@pytest.mark.distributed
+@pytest.mark.xfail(
+    strict=False,
+    reason="the distributed Muon step is not yet bit-identical to the fused single-process "
+    "step given identical gradients: 1.0e-6 .. 5.8e-6 over 5 steps at 2 ranks (25 seeds), "
+    "already after the first step, from bit-identical params and gradients",
+)
+def test_fsdp2_training_fp32_within_1e_6_of_single_process(dist_results):
+    """The issue's target in fp32, at 2 ranks, where the reference sees FSDP2's gradients bit for
+    bit: met when the distributed step equals the single-process step given the same gradients
+    (QK-Clip's part is bit-identical)."""
+    for m in U.rank_metrics(dist_results, 2, "fsdp_train"):
+        assert max(m["rel_diff"]) <= 1e-6, (m["rel_diff"], m["last_by_param"])
 
 
 @pytest.mark.parametrize(
