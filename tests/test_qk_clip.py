@@ -1083,15 +1083,16 @@ def tensor_parallel(rank, world, tmp):
     }
 
 
-TP_DP_HEADS = (12, 6, 3)  # heads, key heads, head dim: 6 / 3 per tp rank, 18 / 9 rows
+TP_DP_HEADS = (10, 2, 3)  # heads, key heads, head dim: per tp rank 5 / 1 heads, 15 / 3 rows
 
 
 def tp_dp(rank, world, tmp):
     """4 ranks on a 2 x 2 (dp, tp) mesh: the heads split over tp (each tp rank's local q / k
-    rows of its 6 heads in its own ``nn.Linear``), each local module ``fully_shard``-ed over
-    dp (18 q rows: 9 + 9, a head split at the boundary; 9 k rows: 5 + 4), and the maxima
-    MAX-reduced over the dp group only. Compared with QK-Clip on the whole weights, recorded
-    on the same micro-batches with the same per-tp-rank projections."""
+    rows of its 5 query heads and their key head in its own ``nn.Linear``), each local module
+    ``fully_shard``-ed over dp (15 q rows: 8 + 7, 3 k rows: 2 + 1, so both dp shards start or
+    end inside a head), and the maxima MAX-reduced over the dp group only. Compared with
+    QK-Clip on the whole weights, recorded on the same micro-batches with the same per-tp-rank
+    projections."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -1319,7 +1320,8 @@ def dist_results():
     print(f"\n[test_qk_clip distributed] seed={value} (rerun with MUON_EXT_TEST_SEED={value})")
     only = {w: tuple(n for n in SCENARIOS if n != "tp_dp") for w in DIST_WORLDS}
     only[TP_DP_WORLD] = ("tp_dp",)
-    return U.run_workers(DIST_WORLDS + (TP_DP_WORLD,), SCENARIOS, value, only=only)
+    # 9 workers at once: a longer deadline than the default, for loaded 2-core machines
+    return U.run_workers(DIST_WORLDS + (TP_DP_WORLD,), SCENARIOS, value, timeout=240, only=only)
 
 
 dist_worlds = pytest.mark.parametrize("world", DIST_WORLDS, ids=lambda w: f"world{w}")
@@ -1381,10 +1383,11 @@ def test_tensor_parallel_x_fsdp2_on_2x2_mesh_equals_single_process_bit_for_bit(d
     for rank, m in enumerate(per_rank):
         assert m["sharded"], m
         assert m["local_rows"] == (
-            {"q.weight": 9, "q.bias": 9, "k.weight": 5, "k.bias": 5}
+            {"q.weight": 8, "q.bias": 8, "k.weight": 2, "k.bias": 2}
             if m["coordinate"][0] == 0
-            else {"q.weight": 9, "q.bias": 9, "k.weight": 4, "k.bias": 4}
+            else {"q.weight": 7, "q.bias": 7, "k.weight": 1, "k.bias": 1}
         ), m["local_rows"]
+        assert sorted(m["straddling"]) == ["layer0.k", "layer0.q"], m["straddling"]
         assert m["mismatched"] == [], m["mismatched"]
         assert m["same_maxima"] and m["gamma_equal"]
         # Exactly one all-reduce per apply, over this rank's dp group (the ranks holding the
@@ -1392,7 +1395,6 @@ def test_tensor_parallel_x_fsdp2_on_2x2_mesh_equals_single_process_bit_for_bit(d
         assert m["comms"] == {"all_reduce": 1, "dtensor_collectives": 1}, m["comms"]
         assert m["reduce_groups"] == [m["dp_ranks"]], (m["reduce_groups"], m["dp_ranks"])
         assert len(m["dp_ranks"]) == 2 and rank in m["dp_ranks"]
-    assert any(m["straddling"] for m in per_rank)
     assert sum(m["clipped"] for m in per_rank) > 0 and sum(m["unclipped"] for m in per_rank) > 0
     # The group matters: a MAX over the whole world mixes the other tp rank's heads in.
     assert any(m["world_group_differs"] for m in per_rank)
