@@ -169,15 +169,20 @@ def run_workers(
     scenarios: dict[str, Callable[[int, int, str], dict]],
     seed: int,
     timeout: float = 120.0,
+    only: dict[int, tuple[str, ...]] | None = None,
 ) -> dict[int, dict[str, list[dict]]]:
     """Runs every scenario on spawned gloo ranks, one process group per world size (all
     started at once: start-up is most of the time). Returns world -> name -> per-rank metrics.
+    ``only`` maps a world size to the scenarios it runs (default: all of them), for scenarios
+    that need a particular world (a 2 x 2 mesh).
 
     Workers still running at the deadline are killed (never waited for); a scenario without
     a result on some rank (it hung, or its worker died) is reported as an error there.
     """
     names = list(scenarios)
     module = scenarios[names[0]].__module__
+    only = only or {}
+    names_of = {world: [n for n in names if n in only.get(world, names)] for world in worlds}
     with tempfile.TemporaryDirectory() as tmp:
         jobs = {}
         for world in worlds:
@@ -185,7 +190,7 @@ def run_workers(
             os.makedirs(folder)
             jobs[world] = mp.start_processes(
                 _entry,
-                args=(world, free_port(), seed, module, names, folder),
+                args=(world, free_port(), seed, module, names_of[world], folder),
                 nprocs=world,
                 join=False,
                 start_method="spawn",
@@ -214,7 +219,9 @@ def run_workers(
                         per_rank.append(json.load(f))
                 except FileNotFoundError:
                     per_rank.append({})
-            out[world] = {n: [per_rank[r].get(n, missing) for r in range(world)] for n in names}
+            out[world] = {
+                n: [per_rank[r].get(n, missing) for r in range(world)] for n in names_of[world]
+            }
     return out
 
 

@@ -922,10 +922,13 @@ def _count_comms(fn):
     from torch.distributed.tensor.debug import CommDebugMode
 
     calls = {"all_reduce": 0}
+    groups = []
     real = dist.all_reduce
 
     def counted(*args, **kwargs):
         calls["all_reduce"] += 1
+        group = kwargs.get("group", args[2] if len(args) > 2 else None)
+        groups.append(dist.get_process_group_ranks(group or dist.group.WORLD))
         return real(*args, **kwargs)
 
     dist.all_reduce = counted
@@ -935,7 +938,7 @@ def _count_comms(fn):
     finally:
         dist.all_reduce = real
     calls["dtensor_collectives"] = comm.get_total_counts()
-    return calls
+    return calls, groups
 
 
 def fsdp_apply(rank, world, tmp):
@@ -958,7 +961,7 @@ def fsdp_apply(rank, world, tmp):
     before = _maxima64(ref.state_dict(), x)
     recorded = torch.cat([layer.max_logit for layer in ref.layers.values()])
     clip.tau = clip_ref.tau = tau = float(recorded.median())
-    comms = _count_comms(clip.apply)
+    comms, _groups = _count_comms(clip.apply)
     clip_ref.apply()
     full = {n: U.full(p.detach()) for n, p in model.named_parameters()}
     mismatched = [n for n, p in ref.named_parameters() if not torch.equal(full[n], p.detach())]
@@ -1080,6 +1083,98 @@ def tensor_parallel(rank, world, tmp):
     }
 
 
+TP_DP_HEADS = (10, 2, 3)  # heads, key heads, head dim: per tp rank 5 / 1 heads, 15 / 3 rows
+
+
+def tp_dp(rank, world, tmp):
+    """4 ranks on a 2 x 2 (dp, tp) mesh: the heads split over tp (each tp rank's local q / k
+    rows of its 5 query heads and their key head in its own ``nn.Linear``), each local module
+    ``fully_shard``-ed over dp (15 q rows: 8 + 7, 3 k rows: 2 + 1, so both dp shards start or
+    end inside a head), and the maxima MAX-reduced over the dp group only. Compared with
+    QK-Clip on the whole weights, recorded on the same micro-batches with the same per-tp-rank
+    projections."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp_mesh, tp = mesh["dp"], 2
+    d, t = mesh.get_local_rank("dp"), mesh.get_local_rank("tp")
+    heads, kv_heads, dim = TP_DP_HEADS
+    hl, kvl = heads // tp, kv_heads // tp
+    torch.manual_seed(U.SEED)
+    q_full, k_full = nn.Linear(D_MODEL, heads * dim), nn.Linear(D_MODEL, kv_heads * dim)
+    with torch.no_grad():  # spread the heads, so one tau has heads on both sides
+        spread = torch.linspace(0.3, 3.0, heads)[torch.randperm(heads)]
+        q_full.weight.view(heads, dim, -1).mul_(spread[:, None, None])
+    b, length = 2, 5
+    # dp rank d sees parts[d]: b sequences of length tokens, flattened (a 2-D input makes
+    # nn.Linear return a fresh tensor, not a view, which FSDP2's backward hook prefers)
+    parts = torch.randn(2 * b * length, D_MODEL).chunk(2)
+
+    def record(layer, q, k, h, kv):
+        q = q.view(b, length, h, dim).transpose(1, 2)
+        k = k.view(b, length, kv, dim).transpose(1, 2)
+        layer.record(q, k, is_causal=True)
+
+    ref = QKClip(tau=1.0)
+    ref_layer = ref.add(q_full, k_full, num_heads=heads, num_kv_heads=kv_heads)
+    def by_tp_rank(whole, part):  # the projection as the tp ranks compute it, slice by slice
+        pieces = zip(whole.weight.chunk(tp), whole.bias.chunk(tp))
+        return torch.cat([F.linear(part, w, bias) for w, bias in pieces], dim=-1)
+
+    for part in parts:
+        record(ref_layer, by_tp_rank(q_full, part), by_tp_rank(k_full, part), heads, kv_heads)
+    ref.tau = float(ref_layer.max_logit.median())
+    q_rows = slice(t * hl * dim, (t + 1) * hl * dim)
+    k_rows = slice(t * kvl * dim, (t + 1) * kvl * dim)
+    mine = slice(t * hl, (t + 1) * hl)  # this tp rank's heads
+
+    def local_run(group):
+        q, k = nn.Linear(D_MODEL, hl * dim), nn.Linear(D_MODEL, kvl * dim)
+        with torch.no_grad():
+            for mine, whole, rows in ((q, q_full, q_rows), (k, k_full, k_rows)):
+                mine.weight.copy_(whole.weight[rows])
+                mine.bias.copy_(whole.bias[rows])
+        local = nn.ModuleDict({"q": q, "k": k})
+        for m in (q, k):
+            fully_shard(m, mesh=dp_mesh)
+        clip = QKClip(tau=ref.tau, process_group=group)
+        layer = clip.add(q, k, num_heads=hl, num_kv_heads=kvl)
+        qx, kx = q(parts[d]), k(parts[d])
+        record(layer, qx, kx, hl, kvl)
+        (qx.sum() + kx.sum()).backward()  # the backward reshards the parameters
+        comms, groups = _count_comms(clip.apply)
+        return local, clip, layer, comms, groups
+
+    local, clip, layer, comms, groups = local_run(dp_mesh.get_group())
+    sharded = all(isinstance(p, DTensor) for p in local.parameters())
+    straddling = _straddling([layer])
+    mixed = local_run(None)[0]  # the whole world's group mixes the other tp rank's heads in
+    ref.apply()
+    whole = {
+        "q.weight": q_full.weight[q_rows], "q.bias": q_full.bias[q_rows],
+        "k.weight": k_full.weight[k_rows], "k.bias": k_full.bias[k_rows],
+    }
+    gathered = {n: U.full(p.detach()) for n, p in local.named_parameters()}
+    gathered_mixed = {n: U.full(p.detach()) for n, p in mixed.named_parameters()}
+    return {
+        "coordinate": [d, t],
+        "sharded": sharded,
+        "local_rows": {n: p.to_local().shape[0] for n, p in local.named_parameters()},
+        "straddling": straddling,
+        "mismatched": [n for n, w in whole.items() if not torch.equal(gathered[n], w)],
+        "same_maxima": torch.equal(layer.last_max_logit, ref_layer.last_max_logit[mine]),
+        "gamma_equal": torch.equal(layer.last_gamma, ref_layer.last_gamma[mine]),
+        "clipped": int((layer.last_gamma < 1).sum()),
+        "unclipped": int((layer.last_gamma == 1).sum()),
+        "comms": comms,
+        "reduce_groups": groups,
+        "dp_ranks": dist.get_process_group_ranks(dp_mesh.get_group()),
+        "world_group_differs": any(not torch.equal(gathered_mixed[n], w) for n, w in whole.items()),
+    }
+
+
 class _TinyGQA(nn.Module):
     """Two causal GQA layers (9/3 and 8/2 heads of 4) with residuals, for a training run."""
 
@@ -1128,25 +1223,40 @@ def _train_batch(step: int):
     return tokens, torch.cummax(tokens, dim=1).values
 
 
-def _train_step(model, opt, tokens, target):
-    opt.zero_grad(set_to_none=True)
-    logits = model(tokens)
-    F.cross_entropy(logits.flatten(0, 1), target.flatten()).backward()
-    opt.step()
+def _loss(model, tokens, target):
+    return F.cross_entropy(model(tokens).flatten(0, 1), target.flatten())
 
 
-def fsdp_train(rank, world, tmp):
-    """MuonWithAdamW + clip.attach on FSDP2 over 5 steps vs single-process, full batch."""
+def _micro_batch_grads(model, tokens, target, world):
+    """Sets the grads FSDP2's reduce-scatter gives ``world`` ranks: each rank's micro-batch
+    gradient (the ranks' own forward and backward, here one after the other), averaged.
+
+    Two ranks' average ``(g0 + g1) / 2`` does not depend on the reduction order and halving
+    is exact, so at 2 ranks these are FSDP2's gradients bit for bit; at 3 the order of the
+    sum is gloo's, and these differ by rounding. The forwards record each micro-batch's
+    maxima, which fold to the MAX the ranks all-reduce.
+    """
+    per_rank = []
+    for tk, tg in zip(_slices(tokens, world), _slices(target, world)):
+        for p in model.parameters():
+            p.grad = None
+        _loss(model, tk, tg).backward()
+        per_rank.append([p.grad for p in model.parameters()])
+    for p, grads in zip(model.parameters(), zip(*per_rank)):
+        p.grad = sum(grads[1:], grads[0]) / world
+
+
+def _fsdp_train(rank, world, dtype):
+    """MuonWithAdamW + clip.attach on FSDP2 over 5 steps vs a single process, whose grads are
+    the ranks' micro-batch grads averaged (_micro_batch_grads)."""
     runs = {}
     for kind in ("ref", "fsdp"):
         torch.manual_seed(U.SEED)
         clip = QKClip(tau=TRAIN_TAU)
-        model = _TinyGQA(clip)
+        model = _TinyGQA(clip).to(dtype)
         if kind == "fsdp":
             _fully_shard_children(model, world)
-        # Groups by name, the same for both models (muon_param_groups' memory check reads a
-        # DTensor's data_ptr, so under FSDP2 it would route the embedding-shaped matrices
-        # to AdamW, which the single-process run does not).
+        # Groups by name, the same for both models.
         hidden = [p for n, p in model.named_parameters() if not n.startswith("emb.")]
         groups = [
             {"params": hidden, "use_muon": True},
@@ -1156,11 +1266,21 @@ def fsdp_train(rank, world, tmp):
         clip.attach(opt)
         runs[kind] = (model, opt, clip)
     (ref, ref_opt, ref_clip), (model, opt, clip) = runs["ref"], runs["fsdp"]
-    rel, fro, clipped, ref_clipped = [], [], [], []
+    rel, clipped, ref_clipped, same_grads = [], [], [], []
     for step in range(TRAIN_STEPS):
         tokens, target = _train_batch(step)
-        _train_step(ref, ref_opt, tokens, target)
-        _train_step(model, opt, _slices(tokens, world)[rank], _slices(target, world)[rank])
+        ref_opt.zero_grad(set_to_none=True)
+        _micro_batch_grads(ref, tokens, target, world)
+        ref_opt.step()
+        opt.zero_grad(set_to_none=True)
+        _loss(model, _slices(tokens, world)[rank], _slices(target, world)[rank]).backward()
+        same_grads.append(
+            all(
+                torch.equal(U.full(p.grad), q.grad)
+                for p, q in zip(model.parameters(), ref.parameters())
+            )
+        )
+        opt.step()
         clipped.append(int(sum(int((h.last_gamma < 1).sum()) for h in clip.layers)))
         ref_clipped.append(int(sum(int((h.last_gamma < 1).sum()) for h in ref_clip.layers)))
         per_param = {
@@ -1168,23 +1288,29 @@ def fsdp_train(rank, world, tmp):
             for (n, p), q in zip(model.named_parameters(), ref.parameters())
         }
         rel.append(max(per_param.values()))
-        fro.append(
-            max(
-                float((U.full(p.detach()) - q.detach()).norm() / q.detach().norm())
-                for p, q in zip(model.parameters(), ref.parameters())
-            )
-        )
     return {
         "rel_diff": rel,
-        "fro_diff": fro,
         "last_by_param": per_param,
+        "same_grads": same_grads,
         "clipped": clipped,
         "ref_clipped": ref_clipped,
         "straddling": _straddling(clip.layers),
     }
 
 
-SCENARIOS = {f.__name__: f for f in (replicated, fsdp_apply, tensor_parallel, fsdp_train)}
+def fsdp_train(rank, world, tmp):
+    return _fsdp_train(rank, world, torch.float32)
+
+
+def fsdp_train64(rank, world, tmp):
+    return _fsdp_train(rank, world, torch.float64)
+
+
+SCENARIOS = {
+    f.__name__: f
+    for f in (replicated, fsdp_apply, tensor_parallel, fsdp_train, fsdp_train64, tp_dp)
+}
+TP_DP_WORLD = 4  # tp_dp needs its 2 x 2 mesh, and runs alone there
 
 
 @pytest.fixture(scope="module")
@@ -1192,7 +1318,10 @@ def dist_results():
     """Every scenario, once per world size: {world: {scenario: [metrics of each rank]}}."""
     value = int(os.environ.get("MUON_EXT_TEST_SEED", random.randrange(2**31)))
     print(f"\n[test_qk_clip distributed] seed={value} (rerun with MUON_EXT_TEST_SEED={value})")
-    return U.run_workers(DIST_WORLDS, SCENARIOS, value)
+    only = {w: tuple(n for n in SCENARIOS if n != "tp_dp") for w in DIST_WORLDS}
+    only[TP_DP_WORLD] = ("tp_dp",)
+    # 9 workers at once: a longer deadline than the default, for loaded 2-core machines
+    return U.run_workers(DIST_WORLDS + (TP_DP_WORLD,), SCENARIOS, value, timeout=240, only=only)
 
 
 dist_worlds = pytest.mark.parametrize("world", DIST_WORLDS, ids=lambda w: f"world{w}")
@@ -1246,15 +1375,33 @@ def test_tensor_parallel_local_heads_reduce_over_data_parallel_group(dist_result
 
 
 @pytest.mark.distributed
-@dist_worlds
-def test_fsdp2_training_with_muon_with_adamw_matches_single_process(dist_results, world):
-    per_rank = U.rank_metrics(dist_results, world, "fsdp_train")
-    # QK-Clip itself adds no difference (same maxima give bit-identical rows, see above); what
-    # remains is the distributed Muon step's fp32 rounding (gradients summed in another order,
-    # then Newton-Schulz): ~2e-6 of a weight's largest entry after the first step already, most
-    # in the output projections, which the clip never touches. 1e-5 as in test_distributed.
+def test_tensor_parallel_x_fsdp2_on_2x2_mesh_equals_single_process_bit_for_bit(dist_results):
+    """4 ranks, (dp, tp) = 2 x 2: heads split over tp, each tp rank's q / k FSDP2-sharded over
+    dp (a head split by the shard boundary), the maxima MAX-reduced over dp only."""
+    per_rank = U.rank_metrics(dist_results, TP_DP_WORLD, "tp_dp")
+    assert sorted(tuple(m["coordinate"]) for m in per_rank) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for rank, m in enumerate(per_rank):
+        assert m["sharded"], m
+        assert m["local_rows"] == (
+            {"q.weight": 8, "q.bias": 8, "k.weight": 2, "k.bias": 2}
+            if m["coordinate"][0] == 0
+            else {"q.weight": 7, "q.bias": 7, "k.weight": 1, "k.bias": 1}
+        ), m["local_rows"]
+        assert sorted(m["straddling"]) == ["layer0.k", "layer0.q"], m["straddling"]
+        assert m["mismatched"] == [], m["mismatched"]
+        assert m["same_maxima"] and m["gamma_equal"]
+        # Exactly one all-reduce per apply, over this rank's dp group (the ranks holding the
+        # same heads), and nothing else: no gather of the sharded weights.
+        assert m["comms"] == {"all_reduce": 1, "dtensor_collectives": 1}, m["comms"]
+        assert m["reduce_groups"] == [m["dp_ranks"]], (m["reduce_groups"], m["dp_ranks"])
+        assert len(m["dp_ranks"]) == 2 and rank in m["dp_ranks"]
+    assert sum(m["clipped"] for m in per_rank) > 0 and sum(m["unclipped"] for m in per_rank) > 0
+    # The group matters: a MAX over the whole world mixes the other tp rank's heads in.
+    assert any(m["world_group_differs"] for m in per_rank)
+
+
+def _check_training(per_rank, world):
     for m in per_rank:
-        assert max(m["rel_diff"]) <= 1e-5, (m["rel_diff"], m["last_by_param"])
         # The clip must act (the 3x query init puts the first step's logits far above tau;
         # later steps may fall under it, depending on the seed) and act on the same heads as in
         # the single process: a head whose maximum sits within rounding of tau could flip, so
@@ -1264,7 +1411,58 @@ def test_fsdp2_training_with_muon_with_adamw_matches_single_process(dist_results
             m["clipped"],
             m["ref_clipped"],
         )
+        # The comparison starts from the same gradients: at 2 ranks FSDP2's average of two
+        # micro-batch grads is the reference's bit for bit (later steps start from params
+        # that already carry the optimizer steps' rounding).
+        if world == 2:
+            assert m["same_grads"][0], m["same_grads"]
     assert any(m["straddling"] for m in per_rank)
+
+
+@pytest.mark.distributed
+@dist_worlds
+def test_fsdp2_training_float64_within_1e_6_of_single_process(dist_results, world):
+    """The issue's target (1e-6 relative over 5 MuonWithAdamW + QK-Clip steps of a small GQA
+    model), in float64: both runs take the pure-PyTorch Muon step (the fused op has no
+    float64), so what is compared is QK-Clip under FSDP2 and the distributed step's logic,
+    not two fp32 implementations' rounding. Measured: bit-identical at 2 ranks; at 3 ranks
+    0 to 4e-17 (the AdamW embedding, from gloo's order of the 3-rank gradient sum)."""
+    per_rank = U.rank_metrics(dist_results, world, "fsdp_train64")
+    _check_training(per_rank, world)
+    for m in per_rank:
+        assert max(m["rel_diff"]) <= 1e-6, (m["rel_diff"], m["last_by_param"])
+
+
+@pytest.mark.distributed
+@dist_worlds
+def test_fsdp2_training_with_muon_with_adamw_matches_single_process(dist_results, world):
+    per_rank = U.rank_metrics(dist_results, world, "fsdp_train")
+    _check_training(per_rank, world)
+    # fp32. QK-Clip adds no difference (same maxima give bit-identical rows, see above; the
+    # float64 run above is bit-identical). At 2 ranks the first step starts from bit-identical
+    # params and gradients and still ends 1.0e-6 .. 5.8e-6 apart (max-abs relative, worst
+    # weight, 25 seeds; largest in the output projections, which the clip never touches, and
+    # the same with the clip off): that is the distributed Muon step's fp32 path (the
+    # Newton-Schulz op between separate PyTorch momentum and update ops) against the fused
+    # single-process step. 1e-5, the bound of test_distributed.py, guards against real errors;
+    # the 1e-6 target is the next test.
+    for m in per_rank:
+        assert max(m["rel_diff"]) <= 1e-5, (m["rel_diff"], m["last_by_param"])
+
+
+@pytest.mark.distributed
+@pytest.mark.xfail(
+    strict=False,
+    reason="the distributed Muon step is not yet bit-identical to the fused single-process "
+    "step given identical gradients: 1.0e-6 .. 5.8e-6 over 5 steps at 2 ranks (25 seeds), "
+    "already after the first step, from bit-identical params and gradients",
+)
+def test_fsdp2_training_fp32_within_1e_6_of_single_process(dist_results):
+    """The issue's target in fp32, at 2 ranks, where the reference sees FSDP2's gradients bit for
+    bit: met when the distributed step equals the single-process step given the same gradients
+    (QK-Clip's part is bit-identical)."""
+    for m in U.rank_metrics(dist_results, 2, "fsdp_train"):
+        assert max(m["rel_diff"]) <= 1e-6, (m["rel_diff"], m["last_by_param"])
 
 
 @pytest.mark.parametrize(
