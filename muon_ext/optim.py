@@ -667,7 +667,10 @@ class Muon(Optimizer):
             limit = -1 if self.workspace_limit is None else self.workspace_limit
             for probes in parts.values():
                 most = max(
-                    most, ops.muon_step_workspace_bytes(probes, limit, group["ns_algorithm"])
+                    most,
+                    ops.muon_step_workspace_bytes(
+                        probes, limit, group["ns_algorithm"], bool(group.get("normuon", False))
+                    ),
                 )
         return most
 
@@ -806,10 +809,8 @@ def _momentum_mismatch(buf: Tensor, p: Tensor, what: str) -> str:
 
 
 def _fused_supported(p: Tensor, group: dict[str, Any]) -> bool:
-    """Whether the built extension has a fused step for ``p``'s dtype and device (and, with
-    NorMuon, device: the CUDA step has no NorMuon yet, so such params take the pure loop)."""
-    if group.get("normuon", False) and p.device.type != "cpu":
-        return False
+    """Whether the built extension has a fused step for ``p``'s dtype and device (NorMuon or
+    not: the CPU and CUDA steps both have it)."""
     return p.dtype in FUSED_DTYPES and _fused_device_supported(p.device)
 
 
