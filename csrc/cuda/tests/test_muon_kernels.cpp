@@ -445,6 +445,21 @@ double update_scale(const Shape& s) {
   return std::sqrt(std::max(1.0, static_cast<double>(s.rows) / static_cast<double>(s.cols)));
 }
 
+// The direction U (Nesterov) of matrix b of tensor t in double, from the step's inputs.
+Matrix direction_cpu(const StepData& d, size_t t, int64_t b, mk::ElementType type,
+                     const StepConfig& cfg) {
+  const Shape& s = d.shapes[t];
+  const int64_t mat = s.rows * s.cols;
+  Matrix u(static_cast<size_t>(mat));
+  for (int64_t i = 0; i < mat; ++i) {
+    const size_t e = static_cast<size_t>(b * mat + i);
+    const double g = load_elem(d.grads[t], type, e) / cfg.grad_scale;
+    const double m1 = d.moms[t][e] + (1.0 - cfg.momentum) * (g - d.moms[t][e]);
+    u[static_cast<size_t>(i)] = g + cfg.momentum * (m1 - g);
+  }
+  return u;
+}
+
 StepResult run_gpu_step(const StepData& d, mk::ElementType type, const StepConfig& cfg,
                         const std::vector<double>& coeffs, const Blas& blas, cudaStream_t stream) {
   std::vector<DeviceBuffer> p, g, m, v;
@@ -809,13 +824,7 @@ void check_gram(std::mt19937_64& rng, bool force_legacy, const Blas& blas, cudaS
       double err_gram = 0, err_std = 0, err_emul = 0, atol2 = 0, update_norm2 = 0;
       bool finite = true;
       for (int64_t b = 0; b < s.batch; ++b) {
-        Matrix u(static_cast<size_t>(mat));
-        for (int64_t i = 0; i < mat; ++i) {
-          const size_t e = static_cast<size_t>(b * mat + i);
-          const double g = load_elem(d.grads[t], type, e);
-          const double m1 = d.moms[t][e] + (1.0 - cfg.momentum) * (g - d.moms[t][e]);
-          u[static_cast<size_t>(i)] = g + cfg.momentum * (m1 - g);
-        }
+        const Matrix u = direction_cpu(d, t, b, type, cfg);
         const Matrix x_ref = orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, false);
         const Matrix x_emul =
             orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, true, &gcfg.gram_restarts);
@@ -921,13 +930,7 @@ void check_normuon(std::mt19937_64& rng, mk::ElementType type, bool force_legacy
     double v_err_gpu = 0, v_err_emul = 0, v_atol2 = 0, v_new2 = 0;
     bool finite = true;
     for (int64_t b = 0; b < s.batch; ++b) {
-      Matrix u(static_cast<size_t>(mat));
-      for (int64_t i = 0; i < mat; ++i) {
-        const size_t e = static_cast<size_t>(b * mat + i);
-        const double g = load_elem(d.grads[t], type, e);
-        const double m1 = d.moms[t][e] + (1.0 - cfg.momentum) * (g - d.moms[t][e]);
-        u[static_cast<size_t>(i)] = g + cfg.momentum * (m1 - g);
-      }
+      const Matrix u = direction_cpu(d, t, b, type, cfg);
       const Matrix o_ref = orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, false);
       const Matrix o_emul = orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, true);
       std::vector<double> v_ref(d.vs[t].begin() + b * s.rows, d.vs[t].begin() + (b + 1) * s.rows);
