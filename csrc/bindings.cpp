@@ -43,10 +43,11 @@ TORCH_LIBRARY(muon_ext, m) {
       "float[] update_scales, Tensor? found_inf=None) -> ()");
   m.def("muon_copy_blocks_(Tensor src, Tensor(a!) dst, int[] blocks) -> ()");
   // Bytes of scratch memory muon_step_ would allocate for these params (3-D views as for the
-  // step) under `workspace_limit` (-1: the default; see NOTE: [Workspace budget]).
+  // step) under `workspace_limit` (-1: the default; see NOTE: [Workspace budget]); `normuon`:
+  // for a step with normuon_buffers (NorMuon's per-row regions, small: one float per row).
   m.def(
       "muon_step_workspace_bytes(Tensor[] params, int workspace_limit=-1, "
-      "str ns_algorithm=\"standard\") -> int");
+      "str ns_algorithm=\"standard\", bool normuon=False) -> int");
   // Orthogonalization alone for a (B, rows, cols) batch: X / max(||X||_F, eps) per matrix,
   // then the Newton-Schulz iterations. Returns a new tensor of x's shape and dtype.
   // ns_algorithm / gram_restarts: NOTE: [Newton-Schulz algorithm] in csrc/muon_step_args.h.

@@ -45,10 +45,8 @@ def fused_device_supported(device: torch.device) -> bool:
 
 
 def fused_supported(p: Tensor, group: dict[str, Any]) -> bool:
-    """Whether the built extension has a fused step for ``p``'s dtype and device (and, with
-    NorMuon, device: the CUDA step has no NorMuon yet, so such params take the pure loop)."""
-    if group.get("normuon", False) and p.device.type != "cpu":
-        return False
+    """Whether the built extension has a fused step for ``p``'s dtype and device (NorMuon or
+    not: the CPU and CUDA steps both have it)."""
     return p.dtype in FUSED_DTYPES and fused_device_supported(p.device)
 
 

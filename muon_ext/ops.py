@@ -151,13 +151,17 @@ def _ints(values: Sequence[int]) -> list[int]:
 
 
 def muon_step_workspace_bytes(
-    params: Sequence[Tensor], workspace_limit: int = -1, ns_algorithm: str = "standard"
+    params: Sequence[Tensor],
+    workspace_limit: int = -1,
+    ns_algorithm: str = "standard",
+    normuon: bool = False,
 ) -> int:
-    """Bytes of scratch memory :func:`muon_step_` allocates for these 3-D views (no allocation)."""
+    """Bytes of scratch memory :func:`muon_step_` allocates for these 3-D views (no allocation);
+    ``normuon``: for a step with ``normuon_buffers`` (NorMuon's per-row multipliers)."""
     require_extension()
     return int(
         torch.ops.muon_ext.muon_step_workspace_bytes(
-            list(params), int(workspace_limit), str(ns_algorithm)
+            list(params), int(workspace_limit), str(ns_algorithm), bool(normuon)
         )
     )
 

@@ -656,7 +656,10 @@ class Muon(Optimizer):
             limit = -1 if self.workspace_limit is None else self.workspace_limit
             for probes in parts.values():
                 most = max(
-                    most, ops.muon_step_workspace_bytes(probes, limit, group["ns_algorithm"])
+                    most,
+                    ops.muon_step_workspace_bytes(
+                        probes, limit, group["ns_algorithm"], bool(group.get("normuon", False))
+                    ),
                 )
         return most
 

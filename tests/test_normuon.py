@@ -41,13 +41,16 @@ def _oracle_normuon(o: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return out * (fro_o / fro_hat) if fro_hat > 0 else torch.zeros_like(o)
 
 
-def _oracle(params0, grads):
-    """float64 Muon + NorMuon trajectory: momentum, NS in float64, the formula above."""
+def _oracle(params0, grads, update_norms=None):
+    """float64 Muon + NorMuon trajectory: momentum, NS in float64, the formula above.
+    ``update_norms`` (a list): gets each param's sum over the steps of ||lr scale X||_F."""
     ps = [p.double().clone() for p in params0]
+    if update_norms is not None:
+        update_norms[:] = [0.0] * len(ps)
     ms = [torch.zeros_like(p) for p in ps]
     vs = [torch.zeros(normuon_rows(p.shape), dtype=torch.float64) for p in ps]
     for step_grads in grads:
-        for p, m, v, g in zip(ps, ms, vs, step_grads):
+        for k_param, (p, m, v, g) in enumerate(zip(ps, ms, vs, step_grads)):
             g = g.double()
             m.lerp_(g, 1 - BETA)
             u = g.lerp(m, BETA)
@@ -57,6 +60,8 @@ def _oracle(params0, grads):
                 x[k] = _oracle_normuon(x[k], v[k * rows : (k + 1) * rows])
             scale = update_scale(p.shape[-2], p.shape[-1], None)
             p.mul_(1 - LR * WD).sub_(LR * scale * x.reshape(p.shape))
+            if update_norms is not None:
+                update_norms[k_param] += LR * scale * x.norm().item()
     return ps, vs
 
 
@@ -358,3 +363,94 @@ def test_blocks_of_and_state_layout():
     assert normuon_rows((24, 40), num_heads=2, split_sizes=(10, 30), split_dim=1) == 96
     t = torch.randn(24, 40)
     assert sum(v.size(0) * v.size(1) for v in blocks_of(t, 2, (10, 30), 1)) == 96
+
+
+def test_op_workspace_bytes_counts_normuon():
+    """CPU: NorMuon's row multipliers (n floats per matrix of the largest chunk) are counted only
+    when asked for; the optimizer asks when its group has normuon=True."""
+    probes = [torch.empty(()).expand(3, 16, 40), torch.empty(()).expand(2, 40, 16)]
+    plain = ops.muon_step_workspace_bytes(probes)
+    assert ops.muon_step_workspace_bytes(probes, -1, "standard", normuon=False) == plain
+    assert ops.muon_step_workspace_bytes(probes, -1, "standard", normuon=True) == plain + 5 * 40 * 4
+    params = [nn.Parameter(torch.randn(3, 16, 40)), nn.Parameter(torch.randn(2, 40, 16))]
+    assert Muon(params, normuon=True).workspace_bytes() == plain + 5 * 40 * 4
+    assert Muon(params).workspace_bytes() == plain
+
+
+# ---------------------------------------------------------------------- the CUDA fused step
+# NorMuon on the CUDA kernels (NOTE: [NorMuon on CUDA] in csrc/cuda/kernels/elementwise.cu):
+# Newton-Schulz in bf16, so the ratio rule's yardstick is the bf16 reference implementation
+# (muon_step_reference with ns_dtype=bfloat16, fp32 elementwise, on the same GPU).
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cuda_fused_trajectory_matches_float64_oracle(seed, dtype):
+    params0, grads = _make(dtype)
+    cuda_grads = [[g.cuda() for g in step] for step in grads]
+    params, opt = _run([p.cuda() for p in params0], cuda_grads, fused=True)
+    assert all(c.fused for c in opt._plans[0][2])
+    update_norms: list[float] = []
+    oracle, oracle_v = _oracle(params0, grads, update_norms)
+    same = [p.cuda() for p in params0]
+    ms = [torch.zeros(p.shape, device="cuda") for p in same]
+    vs = [torch.zeros(normuon_rows(p.shape), device="cuda") for p in same]
+    scales = [update_scale(p.shape[-2], p.shape[-1], None) for p in same]
+    for step_grads in cuda_grads:
+        muon_step_reference(
+            same, step_grads, ms, lr=LR, momentum=BETA, nesterov=True, weight_decay=WD,
+            eps=EPS, ns_coefficients=SCHEDULE, update_scales=scales, compute_dtype=torch.float32,
+            ns_dtype=torch.bfloat16, normuon_buffers=vs, normuon_beta2=BETA2,
+            normuon_eps=NU_EPS,
+        )
+    for name, p, o, s, v, ov, sv, un in zip(SHAPES, params, oracle, same, [
+        opt.state[p][NORMUON_STATE_KEY] for p in params
+    ], oracle_v, vs, update_norms):
+        p, s, v, sv = p.detach().cpu(), s.cpu(), v.cpu(), sv.cpu()
+        assert torch.isfinite(p).all() and torch.isfinite(v).all(), name
+        # Normwise, as in tests/test_cuda_step.py, per step: one ulp of the param dtype at the
+        # param's magnitude (the final rounding may land on either neighbour), and half a bf16
+        # ulp (2^-9) of the update (X is rounded to bf16 by both, near-ties either way).
+        atol = STEPS * ulp(dtype) * o.norm().item() + 2.0**-9 * un
+        err = (p.double() - o).norm().item()
+        err_ref = (s.double() - o).norm().item()
+        assert_within_ratio(err, err_ref, atol, f"param {name}")
+        assert v.dtype == torch.float32 and v.shape == ov.shape
+        # v normwise: a few fp32 ulps for its storage, and 2^-8 relative for the same near-ties
+        # (q_i is quadratic in X).
+        rel = ((v.double() - ov).norm() / ov.norm()).item()
+        rel_ref = ((sv.double() - ov).norm() / ov.norm()).item()
+        assert_within_ratio(rel, rel_ref, 8 * ulp(torch.float32) + 2.0**-8, f"v of {name}")
+
+
+@pytest.mark.cuda
+def test_cuda_op_chunking_found_inf_and_determinism(seed):
+    shapes = [(3, 16, 40), (2, 40, 16), (1, 16, 40), (1, 300, 70)]
+    a = [[t.cuda() for t in ts] for ts in _op_args(shapes)]
+    b = [[t.clone() for t in ts] for ts in a]
+    c = [[t.clone() for t in ts] for ts in a]
+    for _ in range(2):
+        _op_step(*a)
+        _op_step(*b, workspace_limit=1)  # one matrix per chunk: boundaries inside the stacks
+        _op_step(*c)
+    for x, y, z in zip(a[0] + a[3], b[0] + b[3], c[0] + c[3]):
+        assert torch.equal(x, y) and torch.equal(x, z)
+    assert any(not torch.equal(v, torch.zeros_like(v)) for v in a[3])
+    ps, gs, ms, vs = a
+    p0, m0, v0 = [t.clone() for t in ps], [t.clone() for t in ms], [t.clone() for t in vs]
+    gs[0].view(-1)[0] = float("inf")
+    _op_step(ps, gs, ms, vs, found_inf=torch.ones((), device="cuda"))  # read on the device
+    for x, y in zip(ps + ms + vs, p0 + m0 + v0):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.cuda
+def test_cuda_workspace_bytes_counts_normuon():
+    probes = [torch.empty((), device="cuda").expand(3, 16, 40),
+              torch.empty((), device="cuda").expand(2, 40, 16)]
+    plain = ops.muon_step_workspace_bytes(probes)
+    # One region of n floats per matrix, 256-byte aligned: 5 * 40 * 4 = 800 -> 1024 bytes.
+    assert ops.muon_step_workspace_bytes(probes, normuon=True) == plain + 1024
+    params = [nn.Parameter(torch.randn(3, 16, 40, device="cuda")),
+              nn.Parameter(torch.randn(2, 40, 16, device="cuda"))]
+    assert Muon(params, normuon=True).workspace_bytes() == plain + 1024

@@ -414,9 +414,19 @@ StepItems make_items(at::TensorList params, const std::vector<Bucket>& buckets) 
   return s;
 }
 
-// Bytes the step allocates: the largest chunk's scratch plus the per-item partial sums.
-int64_t planned_bytes(const ChunkPlan& plan, int64_t num_items) {
-  return plan.max_chunk_bytes + num_items * static_cast<int64_t>(sizeof(double));
+// NorMuon's row multipliers: the bucket's n floats per matrix of the largest chunk (bounded by
+// the chunk, like the workspace, at most 1 / (2m) of the chunk's X buffers).
+int64_t normuon_row_floats(const ChunkPlan& plan, const std::vector<Bucket>& buckets) {
+  int64_t floats = 0;
+  for (const Chunk& c : plan.chunks) floats = std::max(floats, c.count * buckets[c.bucket].n);
+  return floats;
+}
+
+// Bytes the step allocates: the largest chunk's scratch plus the per-item partial sums, plus
+// NorMuon's row multipliers when it is on.
+int64_t planned_bytes(const ChunkPlan& plan, int64_t num_items, int64_t row_floats) {
+  return plan.max_chunk_bytes + num_items * static_cast<int64_t>(sizeof(double)) +
+         row_floats * static_cast<int64_t>(sizeof(float));
 }
 
 // NOTE: [Fault injection]
@@ -463,16 +473,9 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                 params[0].options().dtype(at::kFloat));
   std::vector<std::vector<float>> inv_norms(buckets.size());
   for (size_t k = 0; k < buckets.size(); ++k) inv_norms[k].resize(buckets[k].num_matrices);
-  // NorMuon's row multipliers: the bucket's n floats per matrix of the largest chunk (bounded
-  // by the chunk, like the workspace, at most 1 / (2m) of the chunk's X buffers).
   const bool normuon = !normuon_buffers.empty();
-  int64_t row_scale_floats = 0;
-  if (normuon) {
-    for (const Chunk& c : plan.chunks) {
-      row_scale_floats = std::max(row_scale_floats, c.count * buckets[c.bucket].n);
-    }
-  }
-  std::vector<float> row_scale(static_cast<size_t>(row_scale_floats));
+  std::vector<float> row_scale(
+      static_cast<size_t>(normuon ? normuon_row_floats(plan, buckets) : 0));
   maybe_inject_failure("muon_step_");
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(),
@@ -518,7 +521,7 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
 }
 
 int64_t muon_step_workspace_bytes_cpu(at::TensorList params, int64_t workspace_limit,
-                                      c10::string_view ns_algorithm) {
+                                      c10::string_view ns_algorithm, bool normuon) {
   const NsConfig ns = make_ns_config({1.0, 0.0, 0.0}, 0.0, ns_algorithm, {});
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].dim() == 3, "muon_step_workspace_bytes: params[", i,
@@ -526,7 +529,8 @@ int64_t muon_step_workspace_bytes_cpu(at::TensorList params, int64_t workspace_l
   }
   const std::vector<Bucket> buckets = make_buckets(params);
   const ChunkPlan plan = plan_chunks(buckets, workspace_limit, cpu_bytes_per_matrix(ns));
-  return planned_bytes(plan, static_cast<int64_t>(make_items(params, buckets).items.size()));
+  return planned_bytes(plan, static_cast<int64_t>(make_items(params, buckets).items.size()),
+                       normuon ? normuon_row_floats(plan, buckets) : 0);
 }
 
 at::Tensor newton_schulz_cpu(const at::Tensor& x, at::ArrayRef<double> ns_coefficients,

@@ -140,10 +140,11 @@ void plan_and_run(const char* op, const std::vector<mk::MatrixTensor>& tensors,
                   const std::vector<mk::ShapeBucket>& buckets, mk::ElementType type,
                   mk::DirectionSource source, mk::WriteBack mode, const mk::StepScalars& scalars,
                   const NsConfig& ns, int64_t workspace_limit, bool force_legacy,
-                  const at::TensorOptions& options, cudaStream_t stream) {
+                  const at::TensorOptions& options, cudaStream_t stream, bool normuon = false) {
   mk::StepPlan plan;
   run_phase(op, [&] {
-    plan = mk::plan_step(tensors, buckets, type, workspace_limit, cuda_gram_buckets(ns, buckets));
+    plan = mk::plan_step(tensors, buckets, type, workspace_limit, cuda_gram_buckets(ns, buckets),
+                         normuon);
   });
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(plan.workspace_bytes)}, options.dtype(at::kByte));
@@ -161,14 +162,16 @@ void plan_and_run(const char* op, const std::vector<mk::MatrixTensor>& tensors,
 }
 
 // Non-empty tensors of `params` (muon_step_'s 3-D views) as the kernels take them, and the
-// buckets re-indexed into that list. `grads` / `momentum_buffers` may be empty (planning only).
+// buckets re-indexed into that list. `grads` / `momentum_buffers` / `normuon_buffers` may be
+// empty (planning only; NorMuon off).
 struct KernelTensors {
   std::vector<mk::MatrixTensor> tensors;
   std::vector<mk::ShapeBucket> buckets;
 };
 
 KernelTensors kernel_tensors(at::TensorList params, at::TensorList grads,
-                             at::TensorList momentum_buffers, at::ArrayRef<double> update_scales,
+                             at::TensorList momentum_buffers, at::TensorList normuon_buffers,
+                             at::ArrayRef<double> update_scales,
                              const std::vector<Bucket>& buckets) {
   KernelTensors k;
   std::vector<int64_t> compact(params.size(), -1);
@@ -179,6 +182,7 @@ KernelTensors kernel_tensors(at::TensorList params, at::TensorList grads,
     mk::MatrixTensor t;
     if (!grads.empty()) t.src = grads[i].data_ptr();
     if (!momentum_buffers.empty()) t.momentum = momentum_buffers[i].data_ptr<float>();
+    if (!normuon_buffers.empty()) t.normuon_v = normuon_buffers[i].data_ptr<float>();
     t.dst = p.data_ptr();
     t.batch = p.size(0);
     t.rows = p.size(1);
@@ -219,9 +223,9 @@ void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     std::vector<double>(update_scales.begin(), update_scales.end()),
                     normuon_beta2,
                     normuon_eps};
+  // Also checks normuon_buffers: (B, rows) float32, contiguous, on the params' device, no aliasing.
   check_muon_step_args(params, grads, momentum_buffers, normuon_buffers, lr, args, grad_scale,
                        found_inf, c10::DeviceType::CUDA);
-  TORCH_CHECK(normuon_buffers.empty(), "muon_step_: NorMuon (normuon_buffers) is not built for CUDA yet");
   const bool force_legacy = force_legacy_blas();  // a bad value is rejected before any work
   if (params.empty()) return;
 
@@ -247,17 +251,21 @@ void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
   if (grad_scale.has_value()) {
     scalars.grad_scale = device_scalar(*grad_scale, grad_scale_keep, scalars.grad_scale_value);
   }
+  const bool normuon = !normuon_buffers.empty();
+  scalars.normuon_beta2 = normuon_beta2;
+  scalars.normuon_eps = normuon_eps;
 
-  const KernelTensors k =
-      kernel_tensors(params, grads, momentum_buffers, update_scales, buckets);
+  const KernelTensors k = kernel_tensors(params, grads, momentum_buffers, normuon_buffers,
+                                         update_scales, buckets);
   plan_and_run("muon_step_", k.tensors, k.buckets, element_type(params[0].scalar_type()),
                mk::DirectionSource::kMomentum, mk::WriteBack::kApplyUpdate, scalars, ns,
-               workspace_limit, force_legacy, options, stream);
+               workspace_limit, force_legacy, options, stream, normuon);
 }
 
 // The bytes muon_step_ would allocate for these params (shapes and dtype only: nothing is read).
+// `normuon`: the step runs with normuon_buffers (its chunks then hold the row multipliers).
 int64_t muon_step_workspace_bytes_cuda(at::TensorList params, int64_t workspace_limit,
-                                       c10::string_view ns_algorithm) {
+                                       c10::string_view ns_algorithm, bool normuon) {
   const NsConfig ns = make_ns_config({1.0, 0.0, 0.0}, 0.0, ns_algorithm, {});
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].dim() == 3, "muon_step_workspace_bytes: params[", i,
@@ -266,11 +274,11 @@ int64_t muon_step_workspace_bytes_cuda(at::TensorList params, int64_t workspace_
   resolve_workspace_limit(workspace_limit);
   if (params.empty()) return 0;
   const std::vector<Bucket> buckets = make_buckets(params);
-  const KernelTensors k = kernel_tensors(params, {}, {}, {}, buckets);
+  const KernelTensors k = kernel_tensors(params, {}, {}, {}, {}, buckets);
   mk::StepPlan plan;
   run_phase("muon_step_workspace_bytes", [&] {
     plan = mk::plan_step(k.tensors, k.buckets, element_type(params[0].scalar_type()),
-                         workspace_limit, cuda_gram_buckets(ns, k.buckets));
+                         workspace_limit, cuda_gram_buckets(ns, k.buckets), normuon);
   });
   return static_cast<int64_t>(plan.workspace_bytes);
 }
@@ -415,7 +423,7 @@ void muon_orthogonalize_cuda(const at::Tensor& x, at::IntArrayRef shapes,
   if (buckets.empty()) return;
   const c10::cuda::CUDAGuard guard(x.device());
   // In place: each chunk reads its matrices (phases 1-2) before it writes them (phase 4).
-  KernelTensors k = kernel_tensors(views, {}, {}, {}, buckets);
+  KernelTensors k = kernel_tensors(views, {}, {}, {}, {}, buckets);
   for (mk::MatrixTensor& t : k.tensors) t.src = t.dst;
   mk::StepScalars scalars;
   scalars.eps = eps;

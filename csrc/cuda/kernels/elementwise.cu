@@ -3,6 +3,7 @@
 // Layout of the work (see NOTE: [Block -> (tensor, matrix, piece)] in multi_matrix_apply.cuh):
 //   phase 1 (norm_partials_kernel): a block owns kNormChunk consecutive elements of one matrix,
 //     updates the momentum there and writes one fp32 partial sum of U^2;
+//   NorMuon (normuon_row_sums_kernel, normuon_scale_kernel): NOTE: [NorMuon on CUDA];
 //   phase 2 (normalize_kernel) and phase 4 (write_back_kernel): a block owns kElemChunk
 //     consecutive elements of a wide matrix (rows <= cols), or a strip of kTilesPerStrip
 //     kTile x kTile tiles of a tall one, which it transposes through shared memory so that both
@@ -97,7 +98,7 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
   // NOTE: [found_inf] the flag is read on the device; a set flag returns before anything is
   // written (no masking with (1 - found_inf): inf * 0 is NaN). Uniform over the grid.
   if (found_inf_set(scalars)) return;
-  const BlockPlace at = locate_block(table, /*norm_chunks=*/true);
+  const BlockPlace at = locate_block(table, Geometry::kNormChunks);
   const int slot = at.slot;
   const int64_t begin = at.matrix * at.numel + at.piece * kNormChunk;
   const int64_t remaining = at.numel - at.piece * kNormChunk;
@@ -202,7 +203,7 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
     normalize_kernel(const __grid_constant__ SlotTable table,
                      const __grid_constant__ DeviceScalars scalars,
                      const float* __restrict__ partials) {
-  const BlockPlace at = locate_block(table, /*norm_chunks=*/false);
+  const BlockPlace at = locate_block(table, Geometry::kWalk);
   const int slot = at.slot;
   const int64_t rows = at.rows, cols = at.cols, numel = at.numel;
   const int64_t matrix = at.matrix, piece = at.piece;
@@ -252,10 +253,38 @@ struct WriteBackMath {
   }
 };
 
-template <typename T, WriteBack kMode>
+// Row multipliers of phase 4: NorMuon's r_i for kRowScale (the update of row i is lr scale (r_i
+// X_ij), as the CPU step computes it), nothing otherwise (the plain expression, bit for bit).
+template <bool kRowScale>
+struct RowScale {
+  const float* r;  // the matrix's multipliers (kRowScale only)
+  template <WriteBack kMode>
+  __device__ __forceinline__ float apply(const WriteBackMath<kMode>& op, float p, float x,
+                                         int64_t row) const {
+    if constexpr (kRowScale) {
+      return op(p, r[row] * x);
+    } else {
+      return op(p, x);
+    }
+  }
+};
+
+// Row of element e of a row-major matrix with `cols` columns (32-bit division where it fits:
+// 64-bit division is a long instruction sequence, and phase 4 does this per element).
+__device__ __forceinline__ int64_t row_of(int64_t e, int64_t cols) {
+  if (e <= 0xffffffffll && cols <= 0xffffffffll) {
+    return static_cast<int64_t>(static_cast<uint32_t>(e) / static_cast<uint32_t>(cols));
+  }
+  return e / cols;
+}
+
+// Elements [begin, begin + len) of a wide matrix (p and x point at element begin).
+template <typename T, WriteBack kMode, bool kRowScale>
 __device__ __forceinline__ void write_back_linear(T* __restrict__ p,
                                                   const __nv_bfloat16* __restrict__ x,
-                                                  int64_t len, const WriteBackMath<kMode>& op) {
+                                                  int64_t begin, int64_t len, int64_t cols,
+                                                  const WriteBackMath<kMode>& op,
+                                                  const RowScale<kRowScale>& rs) {
   constexpr bool kReadsDst = kMode == kApplyUpdate;
   int64_t tail = 0;
   if (is_aligned<kILP>(p) && is_aligned<kILP>(x)) {
@@ -267,7 +296,8 @@ __device__ __forceinline__ void write_back_linear(T* __restrict__ p,
 #pragma unroll
       for (int k = 0; k < kILP; ++k) {
         const float old = kReadsDst ? to_float(pv.val[k]) : 0.f;
-        pv.val[k] = from_float<T>(op(old, to_float(xv.val[k])));
+        const int64_t row = kRowScale ? row_of(begin + v * kILP + k, cols) : 0;
+        pv.val[k] = from_float<T>(rs.apply(op, old, to_float(xv.val[k]), row));
       }
       store_vector(p + v * kILP, pv);
     }
@@ -275,18 +305,20 @@ __device__ __forceinline__ void write_back_linear(T* __restrict__ p,
   }
   for (int64_t i = tail + threadIdx.x; i < len; i += kBlockSize) {
     const float old = kReadsDst ? to_float(p[i]) : 0.f;
-    p[i] = from_float<T>(op(old, to_float(x[i])));
+    const int64_t row = kRowScale ? row_of(begin + i, cols) : 0;
+    p[i] = from_float<T>(rs.apply(op, old, to_float(x[i]), row));
   }
 }
 
 // Tall matrix: X is cols x rows (ld = rows). Thread (tx, ty) reads X[j0 + ty + 4k][i0 + tx]
 // into tile[ty + 4k][tx] (coalesced along an X row), then updates P[i0 + ty + 4k][j0 + tx] with
 // X[j0 + tx][i0 + ty + 4k] = tile[tx][ty + 4k] (coalesced along a P row).
-template <typename T, WriteBack kMode>
+template <typename T, WriteBack kMode, bool kRowScale>
 __device__ __forceinline__ void write_back_tall(T* __restrict__ p,
                                                 const __nv_bfloat16* __restrict__ x,
                                                 int64_t rows, int64_t cols, int64_t piece,
-                                                const WriteBackMath<kMode>& op) {
+                                                const WriteBackMath<kMode>& op,
+                                                const RowScale<kRowScale>& rs) {
   constexpr bool kReadsDst = kMode == kApplyUpdate;
   __shared__ float tile[kTile][kTile + 1];
   const int64_t tiles_per_strip_row = ceil_div(cols, kTile);
@@ -313,19 +345,19 @@ __device__ __forceinline__ void write_back_tall(T* __restrict__ p,
       if (i < rows && j < cols) {
         const int64_t idx = i * cols + j;
         const float old = kReadsDst ? to_float(p[idx]) : 0.f;
-        p[idx] = from_float<T>(op(old, tile[tx][r]));
+        p[idx] = from_float<T>(rs.apply(op, old, tile[tx][r], i));
       }
     }
     __syncthreads();
   }
 }
 
-template <typename T, WriteBack kMode>
+template <typename T, WriteBack kMode, bool kRowScale>
 __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
     write_back_kernel(const __grid_constant__ SlotTable table,
                       const __grid_constant__ DeviceScalars scalars) {
   if (found_inf_set(scalars)) return;  // see NOTE: [found_inf]
-  const BlockPlace at = locate_block(table, /*norm_chunks=*/false);
+  const BlockPlace at = locate_block(table, Geometry::kWalk);
   const int slot = at.slot;
   const int64_t rows = at.rows, cols = at.cols, numel = at.numel;
   const int64_t matrix = at.matrix, piece = at.piece;
@@ -340,14 +372,99 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
   const int64_t offset = matrix * numel;
   T* p = static_cast<T*>(table.dst[slot]) + offset;
   const __nv_bfloat16* x = table.ns_x[slot] + offset;
+  RowScale<kRowScale> rs{nullptr};
+  if constexpr (kRowScale) rs.r = table.row_scale[slot] + matrix * normuon_row_stride(rows, cols);
   if (!is_tall(rows, cols)) {
     const int64_t begin = piece * kElemChunk;
     const int64_t remaining = numel - begin;
-    write_back_linear<T, kMode>(p + begin, x + begin,
-                                remaining < kElemChunk ? remaining : kElemChunk, op);
+    write_back_linear<T, kMode, kRowScale>(p + begin, x + begin, begin,
+                                           remaining < kElemChunk ? remaining : kElemChunk, cols,
+                                           op, rs);
   } else {
-    write_back_tall<T, kMode>(p, x, rows, cols, piece, op);
+    write_back_tall<T, kMode, kRowScale>(p, x, rows, cols, piece, op, rs);
   }
+}
+
+// ================================ NorMuon ================================
+
+// NOTE: [NorMuon on CUDA]
+// NorMuon (NOTE: [NorMuon] in csrc/muon_step_args.h) runs per chunk between Newton-Schulz and
+// write-back, in two launches over the chunk's matrices, on the chunk's `row` region (n floats
+// per matrix, NOTE: [Chunked step]):
+//   normuon_row_sums_kernel  q_i = sum_j O_ij^2 of every row of O, the Newton-Schulz result read
+//                            in the param's orientation: a wide matrix's row i is row i of X
+//                            (a warp sums it: lanes stride the row, then warp_sum); a tall one's
+//                            is column i of X (ld = rows: one thread sums it, j ascending, so a
+//                            warp reads 32 consecutive elements of an X row per step).
+//   normuon_scale_kernel     one block per matrix: v_i <- beta2 v_i + (1 - beta2) q_i / cols
+//                            (stored), s_i = 1 / (sqrt(v_i) + eps) in place of q_i, block sums
+//                            of q_i and s_i^2 q_i, f = sqrt(sum q / sum s^2 q) (0 when the
+//                            denominator is 0), then r_i = f s_i in place of s_i.
+// Phase 4 scales row i of the update by r_i. All sums are fp32 in a fixed order (no atomics) and
+// per matrix, so the result is deterministic and does not depend on the chunking. The CPU step
+// (normuon_pass in csrc/cpu/muon_step_cpu.cpp) sums in double: the two agree to fp32 rounding,
+// far below the bf16 error of O itself. A device found_inf != 0 returns before any write, so v
+// keeps its value (and phase 4 returns too).
+
+__global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
+    normuon_row_sums_kernel(const __grid_constant__ NorMuonTable table,
+                            const __grid_constant__ DeviceScalars scalars) {
+  if (found_inf_set(scalars)) return;  // see NOTE: [found_inf]
+  const BlockPlace at = locate_block(table, Geometry::kRowSums);
+  const int slot = at.slot;
+  const int64_t rows = at.rows, cols = at.cols;
+  const __nv_bfloat16* x = table.ns_x[slot] + at.matrix * at.numel;
+  float* q = table.row[slot] + at.matrix * normuon_row_stride(rows, cols);
+  if (!is_tall(rows, cols)) {
+    // X is rows x cols (ld = cols): warp w of the block sums row piece * warps + w.
+    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+    const int64_t i = at.piece * kWarpsPerBlock + static_cast<int>(threadIdx.x) / kWarpSize;
+    if (i >= rows) return;  // uniform over the warp, and no block-wide barrier follows
+    const __nv_bfloat16* xi = x + i * cols;
+    float acc = 0.f;
+    for (int64_t j = lane; j < cols; j += kWarpSize) {
+      const float o = to_float(xi[j]);
+      acc += o * o;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) q[i] = acc;
+  } else {
+    // X is cols x rows (ld = rows): O_ij = X[j][i].
+    const int64_t i = at.piece * kBlockSize + threadIdx.x;
+    if (i >= rows) return;
+    float acc = 0.f;
+    for (int64_t j = 0; j < cols; ++j) {
+      const float o = to_float(x[j * rows + i]);
+      acc += o * o;
+    }
+    q[i] = acc;
+  }
+}
+
+__global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
+    normuon_scale_kernel(const __grid_constant__ NorMuonTable table,
+                         const __grid_constant__ DeviceScalars scalars) {
+  if (found_inf_set(scalars)) return;  // uniform over the grid; v is not touched
+  const BlockPlace at = locate_block(table, Geometry::kMatrix);
+  const int slot = at.slot;
+  const int64_t rows = at.rows;
+  const float cols = static_cast<float>(at.cols);
+  float* v = table.v[slot] + at.matrix * rows;
+  float* r = table.row[slot] + at.matrix * normuon_row_stride(rows, at.cols);
+  float sum_q = 0.f, sum_sq = 0.f;
+  for (int64_t i = threadIdx.x; i < rows; i += kBlockSize) {
+    const float q = r[i];
+    const float vi = scalars.normuon_beta2 * v[i] + scalars.normuon_one_minus_beta2 * (q / cols);
+    v[i] = vi;
+    const float s = 1.f / (sqrtf(vi) + scalars.normuon_eps);
+    sum_q += q;
+    sum_sq += s * s * q;
+    r[i] = s;
+  }
+  sum_q = block_sum(sum_q);
+  sum_sq = block_sum(sum_sq);
+  const float f = sum_sq > 0.f ? sqrtf(sum_q / sum_sq) : 0.f;
+  for (int64_t i = threadIdx.x; i < rows; i += kBlockSize) r[i] = f * r[i];  // own rows only
 }
 
 // ================================ host side ================================
@@ -372,10 +489,11 @@ DeviceScalars to_device_scalars(const StepScalars& s) {
   d.weight_decay = static_cast<float>(s.weight_decay);
   d.eps = static_cast<float>(s.eps);
   d.nesterov = s.nesterov ? 1 : 0;
+  d.normuon_beta2 = static_cast<float>(s.normuon_beta2);
+  d.normuon_one_minus_beta2 = static_cast<float>(1.0 - s.normuon_beta2);  // in double, rounded once
+  d.normuon_eps = static_cast<float>(s.normuon_eps);
   return d;
 }
-
-enum class Geometry { kNormChunks, kWalk };
 
 int64_t checked_numel(const MatrixTensor& t) {
   if (t.batch < 0 || t.rows < 0 || t.cols < 0) {
@@ -384,16 +502,14 @@ int64_t checked_numel(const MatrixTensor& t) {
   return t.batch * t.rows * t.cols;
 }
 
-// Fills slot tables in list order and calls launch(table, grid_blocks) for each full table.
-// Partial offsets advance by each tensor's phase-1 block count whatever the geometry, so
-// phases 1 and 2 agree on where a matrix's partials are.
-template <typename Launch>
-void for_each_launch(const std::vector<MatrixTensor>& tensors, Geometry geometry,
-                     Launch&& launch) {
-  SlotTable table;
+// Fills tables (SlotTable or NorMuonTable) in list order: the common fields here, the rest by
+// fill(table, slot, tensor); calls launch(table, grid_blocks) for each full table.
+template <typename Table, typename Fill, typename Launch>
+void for_each_table(const std::vector<MatrixTensor>& tensors, Geometry geometry, Fill&& fill,
+                    Launch&& launch) {
+  Table table;
   std::memset(&table, 0, sizeof(table));
   int64_t blocks = 0;
-  int64_t partial_offset = 0;
   auto flush = [&]() {
     if (table.num_slots == 0) return;
     table.block_start[table.num_slots] = blocks;
@@ -403,28 +519,38 @@ void for_each_launch(const std::vector<MatrixTensor>& tensors, Geometry geometry
   };
   for (const MatrixTensor& t : tensors) {
     if (checked_numel(t) == 0) continue;  // empty tensors are skipped
-    const int64_t per_matrix = geometry == Geometry::kNormChunks
-                                   ? norm_chunks_per_matrix(t.rows, t.cols)
-                                   : walk_blocks_per_matrix(t.rows, t.cols);
-    const int64_t need = t.batch * per_matrix;
+    const int64_t need = t.batch * blocks_per_matrix(geometry, t.rows, t.cols);
     if (need > kMaxGridBlocks) {
       throw std::invalid_argument("muon_ext: a tensor needs more CUDA blocks than one grid holds");
     }
     if (table.num_slots == kMaxSlots || blocks + need > kMaxGridBlocks) flush();
     const int s = table.num_slots++;
+    table.rows[s] = t.rows;
+    table.cols[s] = t.cols;
+    table.block_start[s] = blocks;
+    fill(table, s, t);
+    blocks += need;
+  }
+  flush();
+}
+
+// Slot tables of phases 1, 2 and 4. Partial offsets advance by each tensor's phase-1 block count
+// whatever the geometry, so phases 1 and 2 agree on where a matrix's partials are.
+template <typename Launch>
+void for_each_launch(const std::vector<MatrixTensor>& tensors, Geometry geometry,
+                     Launch&& launch) {
+  int64_t partial_offset = 0;
+  auto fill = [&](SlotTable& table, int s, const MatrixTensor& t) {
     table.src[s] = t.src;
     table.momentum[s] = t.momentum;
     table.dst[s] = t.dst;
     table.ns_x[s] = t.ns_x;
-    table.rows[s] = t.rows;
-    table.cols[s] = t.cols;
     table.partial_offset[s] = partial_offset;
     table.update_scale[s] = t.update_scale;
-    table.block_start[s] = blocks;
-    blocks += need;
+    table.row_scale[s] = t.normuon_row;
     partial_offset += t.batch * norm_chunks_per_matrix(t.rows, t.cols);
-  }
-  flush();
+  };
+  for_each_table<SlotTable>(tensors, geometry, fill, launch);
 }
 
 // Calls f(T{}) with T the CUDA element type of `type`.
@@ -450,15 +576,18 @@ struct Needs {
   bool momentum;
   bool ns_x;
   bool dst;
+  bool normuon = false;  // normuon_v and normuon_row
 };
 
 void check_tensors(const std::vector<MatrixTensor>& tensors, const Needs& needs) {
   for (const MatrixTensor& t : tensors) {
     if (checked_numel(t) == 0) continue;
     if ((needs.src && t.src == nullptr) || (needs.momentum && t.momentum == nullptr) ||
-        (needs.ns_x && t.ns_x == nullptr) || (needs.dst && t.dst == nullptr)) {
+        (needs.ns_x && t.ns_x == nullptr) || (needs.dst && t.dst == nullptr) ||
+        (needs.normuon && (t.normuon_v == nullptr || t.normuon_row == nullptr))) {
       throw std::invalid_argument(
-          "muon_ext: a tensor entry lacks a pointer this phase needs (src, momentum, ns_x or dst)");
+          "muon_ext: a tensor entry lacks a pointer this phase needs (src, momentum, ns_x, dst, "
+          "normuon_v or normuon_row)");
     }
   }
 }
@@ -513,18 +642,58 @@ void launch_normalize(const std::vector<MatrixTensor>& tensors, ElementType type
   });
 }
 
+void launch_normuon(const std::vector<MatrixTensor>& tensors, const StepScalars& scalars,
+                    cudaStream_t stream) {
+  using namespace detail;
+  check_tensors(tensors, Needs{false, false, true, false, true});
+  const DeviceScalars ds = to_device_scalars(scalars);
+  auto fill = [](NorMuonTable& table, int s, const MatrixTensor& t) {
+    table.ns_x[s] = t.ns_x;
+    table.v[s] = t.normuon_v;
+    table.row[s] = t.normuon_row;
+  };
+  // Every row sum is written before any multiplier is computed: the launches are in stream order.
+  for_each_table<NorMuonTable>(tensors, Geometry::kRowSums, fill,
+                               [&](const NorMuonTable& table, int64_t blocks) {
+                                 launch_kernel(normuon_row_sums_kernel, blocks, stream, table, ds);
+                                 check_launch("normuon_row_sums_kernel");
+                               });
+  for_each_table<NorMuonTable>(tensors, Geometry::kMatrix, fill,
+                               [&](const NorMuonTable& table, int64_t blocks) {
+                                 launch_kernel(normuon_scale_kernel, blocks, stream, table, ds);
+                                 check_launch("normuon_scale_kernel");
+                               });
+}
+
 void launch_write_back(const std::vector<MatrixTensor>& tensors, ElementType type, WriteBack mode,
                        const StepScalars& scalars, cudaStream_t stream) {
   using namespace detail;
   check_tensors(tensors, Needs{false, false, true, true});
+  // Row multipliers (NorMuon): all tensors or none, and only for the update.
+  size_t scaled = 0, non_empty = 0;
+  for (const MatrixTensor& t : tensors) {
+    if (checked_numel(t) == 0) continue;
+    ++non_empty;
+    scaled += t.normuon_row != nullptr ? 1 : 0;
+  }
+  const bool row_scale = scaled > 0;
+  if (row_scale && (scaled != non_empty || mode != WriteBack::kApplyUpdate)) {
+    throw std::invalid_argument(
+        "muon_ext: row multipliers (normuon_row) must be given for every tensor of an update "
+        "write-back, or for none");
+  }
   const DeviceScalars ds = to_device_scalars(scalars);
   dispatch_element_type(type, [&](auto tag) {
     using T = decltype(tag);
     for_each_launch(tensors, Geometry::kWalk, [&](const SlotTable& table, int64_t blocks) {
-      if (mode == WriteBack::kApplyUpdate) {
-        launch_kernel(write_back_kernel<T, WriteBack::kApplyUpdate>, blocks, stream, table, ds);
+      if (row_scale) {
+        launch_kernel(write_back_kernel<T, WriteBack::kApplyUpdate, true>, blocks, stream, table,
+                      ds);
+      } else if (mode == WriteBack::kApplyUpdate) {
+        launch_kernel(write_back_kernel<T, WriteBack::kApplyUpdate, false>, blocks, stream, table,
+                      ds);
       } else {
-        launch_kernel(write_back_kernel<T, WriteBack::kCopy>, blocks, stream, table, ds);
+        launch_kernel(write_back_kernel<T, WriteBack::kCopy, false>, blocks, stream, table, ds);
       }
       check_launch("write_back_kernel");
     });

@@ -74,6 +74,34 @@ __host__ __device__ constexpr int64_t walk_blocks_per_matrix(int64_t rows, int64
                              : ceil_div(rows * cols, kElemChunk);
 }
 
+// NorMuon row sums: a warp per row of a wide matrix (a row of X, contiguous), a thread per row of
+// a tall one (a column of X: consecutive threads read consecutive elements of an X row).
+__host__ __device__ constexpr int64_t row_sum_blocks_per_matrix(int64_t rows, int64_t cols) {
+  return is_tall(rows, cols) ? ceil_div(rows, kBlockSize) : ceil_div(rows, kWarpsPerBlock);
+}
+
+// How a launch cuts each matrix into blocks; the host lays a launch out with the same count the
+// device decodes it with (blocks_per_matrix, both sides).
+enum class Geometry {
+  kNormChunks,  // phase 1: norm_chunks_per_matrix
+  kWalk,        // phases 2 and 4: walk_blocks_per_matrix
+  kRowSums,     // NorMuon row sums: row_sum_blocks_per_matrix
+  kMatrix,      // NorMuon row multipliers: one block per matrix
+};
+
+__host__ __device__ constexpr int64_t blocks_per_matrix(Geometry g, int64_t rows, int64_t cols) {
+  return g == Geometry::kNormChunks ? norm_chunks_per_matrix(rows, cols)
+         : g == Geometry::kWalk     ? walk_blocks_per_matrix(rows, cols)
+         : g == Geometry::kRowSums  ? row_sum_blocks_per_matrix(rows, cols)
+                                    : 1;
+}
+
+// Entries of a matrix's NorMuon row-multiplier region: its larger dimension, so that the matrices
+// of a bucket (m x n, either orientation) sit at a fixed stride n.
+__host__ __device__ constexpr int64_t normuon_row_stride(int64_t rows, int64_t cols) {
+  return rows > cols ? rows : cols;
+}
+
 // Per-launch metadata, passed by value (see the NOTEs above).
 struct SlotTable {
   const void* src[kMaxSlots];       // grads / input
@@ -85,6 +113,20 @@ struct SlotTable {
   int64_t partial_offset[kMaxSlots];  // index of the tensor's first phase-1 partial
   int64_t block_start[kMaxSlots + 1];  // prefix sum of blocks; [num_slots] == grid size
   float update_scale[kMaxSlots];
+  // Phase 4 with NorMuon: row multipliers of the tensor's first matrix (normuon_row_stride per
+  // matrix); nullptr: no row scaling.
+  const float* row_scale[kMaxSlots];
+  int32_t num_slots;
+};
+
+// Per-launch metadata of the NorMuon kernels (by value, like SlotTable).
+struct NorMuonTable {
+  const __nv_bfloat16* ns_x[kMaxSlots];  // Newton-Schulz result, first matrix of the tensor
+  float* v[kMaxSlots];                   // second moment, `rows` floats per matrix
+  float* row[kMaxSlots];                 // workspace: q, then s, then f s (row stride per matrix)
+  int64_t rows[kMaxSlots];
+  int64_t cols[kMaxSlots];
+  int64_t block_start[kMaxSlots + 1];
   int32_t num_slots;
 };
 
@@ -100,9 +142,14 @@ struct DeviceScalars {
   float weight_decay;
   float eps;
   int32_t nesterov;
+  float normuon_beta2;
+  float normuon_one_minus_beta2;
+  float normuon_eps;
 };
 
 static_assert(sizeof(SlotTable) + sizeof(DeviceScalars) + sizeof(void*) <= 4096,
+              "kernel arguments must fit the 4 KiB parameter space");
+static_assert(sizeof(NorMuonTable) + sizeof(DeviceScalars) <= 4096,
               "kernel arguments must fit the 4 KiB parameter space");
 
 // ---- element conversions (explicit: torch builds define __CUDA_NO_BFLOAT16_CONVERSIONS__) ----
@@ -192,7 +239,8 @@ __device__ __forceinline__ float block_sum(float v) {
 // ---- block -> slot ----
 // Largest slot whose block_start <= block (block_start is strictly increasing: every slot
 // holds at least one block).
-__device__ __forceinline__ int find_slot(const SlotTable& table, int64_t block) {
+template <typename Table>
+__device__ __forceinline__ int find_slot(const Table& table, int64_t block) {
   int lo = 0;
   int hi = table.num_slots - 1;
   while (lo < hi) {
@@ -207,9 +255,8 @@ __device__ __forceinline__ int find_slot(const SlotTable& table, int64_t block) 
 }
 
 // Where a block of a multi-matrix launch works: its slot, that tensor's matrix shape, and which
-// matrix of the batch and which piece of it. The per-matrix block count must be the one the host
-// laid the launch out with: norm_chunks_per_matrix for phase 1, walk_blocks_per_matrix for
-// phases 2 and 4 (see the launch helpers in elementwise.cu).
+// matrix of the batch and which piece of it. `geometry` must be the one the host laid the launch
+// out with (see for_each_launch in elementwise.cu).
 struct BlockPlace {
   int slot;
   int64_t local;  // block index within its slot (phase 1: also the partial's index)
@@ -220,7 +267,8 @@ struct BlockPlace {
   int64_t piece;
 };
 
-__device__ __forceinline__ BlockPlace locate_block(const SlotTable& table, bool norm_chunks) {
+template <typename Table>
+__device__ __forceinline__ BlockPlace locate_block(const Table& table, Geometry geometry) {
   BlockPlace at;
   const int64_t block = blockIdx.x;
   at.slot = find_slot(table, block);
@@ -228,8 +276,7 @@ __device__ __forceinline__ BlockPlace locate_block(const SlotTable& table, bool 
   at.rows = table.rows[at.slot];
   at.cols = table.cols[at.slot];
   at.numel = at.rows * at.cols;
-  const int64_t pieces = norm_chunks ? norm_chunks_per_matrix(at.rows, at.cols)
-                                     : walk_blocks_per_matrix(at.rows, at.cols);
+  const int64_t pieces = blocks_per_matrix(geometry, at.rows, at.cols);
   at.matrix = at.local / pieces;
   at.piece = at.local - at.matrix * pieces;
   return at;

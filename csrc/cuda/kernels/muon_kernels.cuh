@@ -11,7 +11,9 @@
 //   2. launch_normalize       X = bf16(U / max(||U||_F, eps)) into the bucket workspace,
 //                             transposed for tall matrices so every bucket is m x n with m <= n
 //   3. newton_schulz_batched  per bucket, 3 strided-batched GEMMs per (a, b, c) iteration
-//   4. launch_write_back      P = P (1 - lr wd) - lr scale X (or a plain cast for newton_schulz)
+//      launch_normuon         NorMuon only: per-row second moment and row multipliers r_i
+//   4. launch_write_back      P = P (1 - lr wd) - lr scale r_i X (r_i = 1 without NorMuon; a
+//                             plain cast for newton_schulz)
 // Phases 1 and 2 must receive the same tensor list (the partial-sum layout is derived from it).
 #pragma once
 
@@ -54,6 +56,12 @@ struct MatrixTensor {
   int64_t rows = 0;
   int64_t cols = 0;
   float update_scale = 0.f;  // lr multiplier of this tensor (phase 4, kApplyUpdate)
+  // NorMuon (NOTE: [NorMuon on CUDA]): the fp32 second moment v of this tensor's first matrix,
+  // `rows` floats per matrix (read, written); nullptr: NorMuon off.
+  float* normuon_v = nullptr;
+  // NorMuon: the row multipliers of this tensor's first matrix in the chunk's workspace (max(rows,
+  // cols) floats per matrix), bound per chunk like ns_x; nullptr: phase 4 scales no row.
+  float* normuon_row = nullptr;
 };
 
 // Scalars of a step. lr / grad_scale / found_inf are either device pointers to one fp32 value
@@ -70,6 +78,8 @@ struct StepScalars {
   double weight_decay = 0.0;
   double eps = 0.0;
   bool nesterov = false;
+  double normuon_beta2 = 0.0;  // NorMuon (launch_normuon) only
+  double normuon_eps = 0.0;
 };
 
 // A shape bucket: every matrix of the listed tensors is m x n after orientation (m <= n).
@@ -97,6 +107,9 @@ struct ShapeBucket {
 //   gram      bf16[count * m * m]     A = X Xᵀ (Gram NS: R)
 //   poly      bf16[count * m * m]     B = b A + c A A (Gram NS: Z)
 //   q0, q1, t bf16[count * m * m]     Gram NS only: the ping-pong Q and T
+//   row       float[count * n]        NorMuon only: per matrix, its row sums of squares q_i, then
+//                                     s_i, then the row multipliers f s_i, in place (a matrix
+//                                     has m or n rows depending on its orientation: n per matrix)
 struct StepChunk {
   size_t bucket = 0;
   int64_t bucket_matrices = 0;  // of the whole bucket: the batch the GEMM heuristic is asked at
@@ -111,6 +124,8 @@ struct StepChunk {
   size_t poly_offset = 0;
   size_t q_offset[2] = {0, 0};  // Gram only
   size_t t_offset = 0;          // Gram only
+  bool normuon = false;         // NorMuon runs on this chunk (launch_normuon)
+  size_t row_offset = 0;        // NorMuon only
   size_t bytes = 0;  // end of this chunk's layout
 };
 
@@ -149,13 +164,17 @@ int64_t count_norm_partials(const std::vector<MatrixTensor>& tensors);
 // Splits the buckets into chunks whose workspace fits `workspace_limit` bytes (-1: the default;
 // a single matrix bigger than the limit is a chunk of its own) and lays each chunk out. Throws
 // std::invalid_argument when a tensor does not match its bucket's (m, n) or the limit is bad.
-// `gram[k]`: bucket k runs Gram Newton-Schulz (empty: none does).
+// `gram[k]`: bucket k runs Gram Newton-Schulz (empty: none does). `normuon`: every chunk gets
+// the NorMuon region and runs launch_normuon (then every non-empty tensor needs normuon_v; a
+// tensor with normuon_v and normuon == false is refused).
 StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
                    const std::vector<ShapeBucket>& buckets, ElementType type,
-                   int64_t workspace_limit, const std::vector<bool>& gram = {});
+                   int64_t workspace_limit, const std::vector<bool>& gram = {},
+                   bool normuon = false);
 
 // The buffers of one chunk in a workspace laid out by plan_step; binds every slice's ns_x to its
-// first matrix in X buffer `which` (0 or 1).
+// first matrix in X buffer `which` (0 or 1), and with NorMuon its normuon_row to its first
+// matrix's row multipliers.
 NsBuffers chunk_ns_buffers(const StepChunk& chunk, void* workspace);
 void bind_chunk_ns_buffers(StepChunk& chunk, void* workspace, int which);
 
@@ -225,8 +244,19 @@ int gram_newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double
                                const NsBuffers& buffers, const BlasContext& blas,
                                cudaStream_t stream, const NsGemmPlan* plan = nullptr);
 
+// NorMuon, between phases 3 and 4 (NOTE: [NorMuon on CUDA] in elementwise.cu): per matrix O
+// (every tensor's ns_x, the buffer Newton-Schulz returned, read in the param's orientation):
+// q_i = sum_j O_ij^2 into normuon_row, v_i <- beta2 v_i + (1 - beta2) q_i / cols in normuon_v,
+// s_i = 1 / (sqrt(v_i) + eps), and normuon_row[i] = f s_i with f = sqrt(sum q_i / sum s_i^2 q_i)
+// (0 when the denominator is 0). Deterministic (fixed-order fp32 sums, no atomics); a device
+// found_inf != 0 changes nothing (v included). Every non-empty tensor needs ns_x, normuon_v and
+// normuon_row.
+void launch_normuon(const std::vector<MatrixTensor>& tensors, const StepScalars& scalars,
+                    cudaStream_t stream);
+
 // Phase 4: reads every tensor's ns_x (which must point at the buffer newton_schulz_batched
-// returned) with the transposition undone, and writes dst.
+// returned) with the transposition undone, and writes dst. A tensor with normuon_row (kApplyUpdate
+// only) has row i of its update scaled by normuon_row[i]: P = P (1 - lr wd) - lr scale (r_i X).
 void launch_write_back(const std::vector<MatrixTensor>& tensors, ElementType type, WriteBack mode,
                        const StepScalars& scalars, cudaStream_t stream);
 

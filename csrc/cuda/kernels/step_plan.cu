@@ -84,7 +84,9 @@ std::vector<MatrixTensor> chunk_slices(const std::vector<MatrixTensor>& tensors,
       s.src = t.src == nullptr ? nullptr : static_cast<const char*>(t.src) + elems * esize;
       s.momentum = t.momentum == nullptr ? nullptr : t.momentum + elems;
       s.dst = t.dst == nullptr ? nullptr : static_cast<char*>(t.dst) + elems * esize;
+      s.normuon_v = t.normuon_v == nullptr ? nullptr : t.normuon_v + skip * t.rows;
       s.ns_x = nullptr;
+      s.normuon_row = nullptr;
       s.batch = hi - lo;
       out.push_back(s);
     }
@@ -97,10 +99,18 @@ std::vector<MatrixTensor> chunk_slices(const std::vector<MatrixTensor>& tensors,
 
 StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
                    const std::vector<ShapeBucket>& buckets, ElementType type,
-                   int64_t workspace_limit, const std::vector<bool>& gram) {
+                   int64_t workspace_limit, const std::vector<bool>& gram, bool normuon) {
   const int64_t limit = resolve_workspace_limit_or_throw(workspace_limit);
   if (!gram.empty() && gram.size() != buckets.size()) {
     throw std::invalid_argument("muon_ext: one Gram flag per bucket expected");
+  }
+  if (!normuon) {
+    for (const MatrixTensor& t : tensors) {
+      if (t.normuon_v != nullptr) {
+        throw std::invalid_argument("muon_ext: a tensor has a NorMuon buffer but the step was "
+                                    "planned without NorMuon");
+      }
+    }
   }
   auto uses_gram = [&](size_t k) { return !gram.empty() && gram[k]; };
   std::vector<int64_t> counts, bytes;
@@ -113,9 +123,11 @@ StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
         static_cast<size_t>(detail::norm_chunks_per_matrix(b.m, b.n)) * sizeof(float) +
         (2 * static_cast<size_t>(b.m * b.n) +
          square_buffers(uses_gram(k)) * static_cast<size_t>(b.m * b.m)) *
-            sizeof(__nv_bfloat16)));
+            sizeof(__nv_bfloat16) +
+        (normuon ? static_cast<size_t>(b.n) * sizeof(float) : 0)));
   }
-  const int64_t padding = 8 * static_cast<int64_t>(kRegionAlignment);
+  // At most 8 regions (partials, X0, X1, 2 or 5 square buffers), plus NorMuon's.
+  const int64_t padding = (normuon ? 9 : 8) * static_cast<int64_t>(kRegionAlignment);
   const ChunkPlan chunks = split_into_chunks(counts, bytes, std::max<int64_t>(1, limit - padding));
   StepPlan plan;
   for (const Chunk& c : chunks.chunks) {
@@ -147,6 +159,10 @@ StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
       sc.q_offset[1] = region(g_bytes);
       sc.t_offset = region(g_bytes);
     }
+    sc.normuon = normuon;
+    if (normuon) {
+      sc.row_offset = region(static_cast<size_t>(c.count * b.n) * sizeof(float));
+    }
     sc.bytes = offset;
     plan.workspace_bytes = std::max(plan.workspace_bytes, offset);
     plan.chunks.push_back(std::move(sc));
@@ -173,9 +189,13 @@ void bind_chunk_ns_buffers(StepChunk& chunk, void* workspace, int which) {
   if (which != 0 && which != 1) throw std::invalid_argument("muon_ext: X buffer index must be 0/1");
   auto* x = reinterpret_cast<__nv_bfloat16*>(static_cast<char*>(workspace) +
                                              chunk.x_offset[which]);
+  auto* row = chunk.normuon ? reinterpret_cast<float*>(static_cast<char*>(workspace) +
+                                                       chunk.row_offset)
+                            : nullptr;
   int64_t first_matrix = 0;
   for (MatrixTensor& t : chunk.tensors) {
     t.ns_x = x + first_matrix * chunk.m * chunk.n;
+    t.normuon_row = row == nullptr ? nullptr : row + first_matrix * chunk.n;
     first_matrix += t.batch;
   }
 }
@@ -215,6 +235,7 @@ void run_step(StepPlan& plan, const PreparedStep& prepared, void* workspace, Ele
                : newton_schulz_batched(c.count, c.m, c.n, coefficients, num_coefficients,
                                        buffers, blas, stream, &prepared.gemm[i]);
     bind_chunk_ns_buffers(c, workspace, result);
+    if (c.normuon) launch_normuon(c.tensors, scalars, stream);  // NOTE: [NorMuon on CUDA]
     launch_write_back(c.tensors, type, mode, scalars, stream);
   }
 }

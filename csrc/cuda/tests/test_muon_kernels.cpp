@@ -361,9 +361,9 @@ void run_phases(const std::vector<mk::MatrixTensor>& tensors,
                 mk::DirectionSource source, mk::WriteBack mode, const mk::StepScalars& scalars,
                 const std::vector<double>& coeffs, const mk::BlasContext& blas,
                 cudaStream_t stream, int64_t workspace_limit = -1, bool gram = false,
-                const std::vector<int64_t>& gram_restarts = {}) {
+                const std::vector<int64_t>& gram_restarts = {}, bool normuon = false) {
   mk::StepPlan plan = mk::plan_step(tensors, buckets, type, workspace_limit,
-                                    std::vector<bool>(buckets.size(), gram));
+                                    std::vector<bool>(buckets.size(), gram), normuon);
   DeviceBuffer ws(plan.workspace_bytes);
   check_cuda(cudaMemsetAsync(ws.get(), 0xFF, ws.bytes(), stream), "poison workspace");
   const mk::PreparedStep prepared = mk::prepare_step(plan, ws.get(), blas);
@@ -387,21 +387,31 @@ const std::vector<Shape> kShapes = {
 };
 
 struct StepData {
+  std::vector<Shape> shapes;
   std::vector<std::vector<uint8_t>> params, grads;
   std::vector<std::vector<float>> moms;
+  std::vector<std::vector<float>> vs;  // NorMuon's second moments (batch * rows each), or none
 };
 
-StepData random_step_data(std::mt19937_64& rng, mk::ElementType type, double grad_std) {
+// `row_decades` > 0: the grad rows of each matrix are scaled from 1e-row_decades (first row) to 1
+// (last), so that their second moments differ by twice as many decades (what NorMuon is for).
+StepData random_step_data(std::mt19937_64& rng, mk::ElementType type, double grad_std,
+                          const std::vector<Shape>& shapes = kShapes, double row_decades = 0.0) {
   std::normal_distribution<double> normal(0.0, 1.0);
   StepData d;
-  for (const Shape& s : kShapes) {
+  d.shapes = shapes;
+  for (const Shape& s : shapes) {
     const size_t n = static_cast<size_t>(s.numel());
     std::vector<uint8_t> p(n * elem_size(type)), g(n * elem_size(type));
     std::vector<float> m(n);
     for (size_t i = 0; i < n; ++i) {
+      const int64_t row = static_cast<int64_t>(i) / s.cols % s.rows;
+      const double row_scale =
+          s.rows > 1 ? std::pow(10.0, row_decades * (static_cast<double>(row) / (s.rows - 1) - 1))
+                     : 1.0;
       store_elem(p, type, i, normal(rng));
-      store_elem(g, type, i, grad_std * normal(rng));
-      m[i] = static_cast<float>(0.1 * normal(rng));
+      store_elem(g, type, i, grad_std * row_scale * normal(rng));
+      m[i] = static_cast<float>(0.1 * row_scale * normal(rng));
     }
     d.params.push_back(std::move(p));
     d.grads.push_back(std::move(g));
@@ -420,31 +430,51 @@ struct StepConfig {
   int64_t workspace_limit = -1;  // bytes; small values force many chunks
   bool gram = false;             // Gram Newton-Schulz for every bucket
   std::vector<int64_t> gram_restarts = {2};
+  bool normuon = false;          // NorMuon with StepData::vs
+  double normuon_beta2 = 0.95, normuon_eps = 1e-8;
 };
 
 struct StepResult {
   std::vector<std::vector<uint8_t>> params;
   std::vector<std::vector<float>> moms;
   std::vector<std::vector<uint8_t>> grads;  // read back to prove they are untouched
+  std::vector<std::vector<float>> vs;       // NorMuon only
 };
 
 double update_scale(const Shape& s) {
   return std::sqrt(std::max(1.0, static_cast<double>(s.rows) / static_cast<double>(s.cols)));
 }
 
+// The direction U (Nesterov) of matrix b of tensor t in double, from the step's inputs.
+Matrix direction_cpu(const StepData& d, size_t t, int64_t b, mk::ElementType type,
+                     const StepConfig& cfg) {
+  const Shape& s = d.shapes[t];
+  const int64_t mat = s.rows * s.cols;
+  Matrix u(static_cast<size_t>(mat));
+  for (int64_t i = 0; i < mat; ++i) {
+    const size_t e = static_cast<size_t>(b * mat + i);
+    const double g = load_elem(d.grads[t], type, e) / cfg.grad_scale;
+    const double m1 = d.moms[t][e] + (1.0 - cfg.momentum) * (g - d.moms[t][e]);
+    u[static_cast<size_t>(i)] = g + cfg.momentum * (m1 - g);
+  }
+  return u;
+}
+
 StepResult run_gpu_step(const StepData& d, mk::ElementType type, const StepConfig& cfg,
                         const std::vector<double>& coeffs, const Blas& blas, cudaStream_t stream) {
-  std::vector<DeviceBuffer> p, g, m;
+  std::vector<DeviceBuffer> p, g, m, v;
   std::vector<mk::MatrixTensor> tensors;
-  for (size_t i = 0; i < kShapes.size(); ++i) {
-    const Shape& s = kShapes[i];
+  for (size_t i = 0; i < d.shapes.size(); ++i) {
+    const Shape& s = d.shapes[i];
     p.emplace_back(d.params[i].size());
     g.emplace_back(d.grads[i].size());
     m.emplace_back(d.moms[i].size() * sizeof(float));
+    if (cfg.normuon) v.emplace_back(d.vs[i].size() * sizeof(float));
     if (s.numel() > 0) {
       p.back().upload(d.params[i]);
       g.back().upload(d.grads[i]);
       m.back().upload(d.moms[i]);
+      if (cfg.normuon) v.back().upload(d.vs[i]);
     }
     mk::MatrixTensor t;
     t.src = g.back().get();
@@ -454,6 +484,7 @@ StepResult run_gpu_step(const StepData& d, mk::ElementType type, const StepConfi
     t.rows = s.rows;
     t.cols = s.cols;
     t.update_scale = static_cast<float>(update_scale(s));
+    if (cfg.normuon) t.normuon_v = static_cast<float*>(v.back().get());
     tensors.push_back(t);
   }
   const float lr_f = static_cast<float>(cfg.lr);
@@ -472,15 +503,18 @@ StepResult run_gpu_step(const StepData& d, mk::ElementType type, const StepConfi
   sc.grad_scale_value = cfg.grad_scale;
   if (cfg.grad_scale_on_device) sc.grad_scale = static_cast<const float*>(gs_dev.get());
   if (cfg.found_inf != 0.f) sc.found_inf = static_cast<const float*>(inf_dev.get());
+  sc.normuon_beta2 = cfg.normuon_beta2;
+  sc.normuon_eps = cfg.normuon_eps;
 
-  run_phases(tensors, make_buckets(kShapes), type, mk::DirectionSource::kMomentum,
+  run_phases(tensors, make_buckets(d.shapes), type, mk::DirectionSource::kMomentum,
              mk::WriteBack::kApplyUpdate, sc, coeffs, blas.context(cfg.force_legacy), stream,
-             cfg.workspace_limit, cfg.gram, cfg.gram_restarts);
+             cfg.workspace_limit, cfg.gram, cfg.gram_restarts, cfg.normuon);
   StepResult r;
-  for (size_t i = 0; i < kShapes.size(); ++i) {
+  for (size_t i = 0; i < d.shapes.size(); ++i) {
     r.params.push_back(p[i].download<uint8_t>());
     r.moms.push_back(m[i].download<float>());
     r.grads.push_back(g[i].download<uint8_t>());
+    if (cfg.normuon) r.vs.push_back(v[i].download<float>());
   }
   return r;
 }
@@ -790,13 +824,7 @@ void check_gram(std::mt19937_64& rng, bool force_legacy, const Blas& blas, cudaS
       double err_gram = 0, err_std = 0, err_emul = 0, atol2 = 0, update_norm2 = 0;
       bool finite = true;
       for (int64_t b = 0; b < s.batch; ++b) {
-        Matrix u(static_cast<size_t>(mat));
-        for (int64_t i = 0; i < mat; ++i) {
-          const size_t e = static_cast<size_t>(b * mat + i);
-          const double g = load_elem(d.grads[t], type, e);
-          const double m1 = d.moms[t][e] + (1.0 - cfg.momentum) * (g - d.moms[t][e]);
-          u[static_cast<size_t>(i)] = g + cfg.momentum * (m1 - g);
-        }
+        const Matrix u = direction_cpu(d, t, b, type, cfg);
         const Matrix x_ref = orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, false);
         const Matrix x_emul =
             orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, true, &gcfg.gram_restarts);
@@ -830,6 +858,187 @@ void check_gram(std::mt19937_64& rng, bool force_legacy, const Blas& blas, cudaS
              buf);
     }
   }
+}
+
+// NorMuon's row multipliers of one rows x cols matrix O (row-major, the param's orientation), in
+// double, straight from NOTE: [NorMuon]: updates v (rows entries) and returns r_i = f s_i.
+std::vector<double> normuon_rows_cpu(const Matrix& o, int64_t rows, int64_t cols,
+                                     std::vector<double>& v, double beta2, double eps) {
+  std::vector<double> r(static_cast<size_t>(rows));
+  double sum_q = 0, sum_sq = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    double q = 0;
+    for (int64_t j = 0; j < cols; ++j) q += o[i * cols + j] * o[i * cols + j];
+    v[i] = beta2 * v[i] + (1 - beta2) * q / static_cast<double>(cols);
+    r[i] = 1.0 / (std::sqrt(v[i]) + eps);
+    sum_q += q;
+    sum_sq += r[i] * r[i] * q;
+  }
+  const double f = sum_sq > 0 ? std::sqrt(sum_q / sum_sq) : 0.0;
+  for (double& x : r) x *= f;
+  return r;
+}
+
+// NOTE: [NorMuon on CUDA]: the step with NorMuon against a float64 reference of the formula
+// (Newton-Schulz in double, then normuon_rows_cpu), under the ratio rule of
+// check_step_against_reference: within 2x the error of the bf16 reference implementation (the
+// same formula on the bf16-emulated Newton-Schulz result, params rounded once) plus the same
+// atol. v (fp32 on the device) likewise, normwise per tensor. Shapes: a tall and a wide matrix
+// in one bucket, 3-D stacks of both orientations, a tall matrix of more than kBlockSize rows, a
+// wide one of more than kBlockSize rows, rows whose vectors straddle row ends, one row, one
+// column, an empty tensor; grad rows over 4 decades; v from zero and from earlier values. Also:
+// any chunking (chunk boundaries inside 3-D stacks, one matrix per chunk) gives the same bits,
+// found_inf changes nothing (v included), and zero grads give P = P (1 - lr wd), no NaN.
+void check_normuon(std::mt19937_64& rng, mk::ElementType type, bool force_legacy,
+                   const Blas& blas, cudaStream_t stream) {
+  std::printf("normuon step: params %s, %s\n", type_name(type),
+              force_legacy ? "legacy cuBLAS" : "cuBLASLt");
+  const std::vector<Shape> shapes = {{1, 24, 72}, {1, 72, 24},   {3, 16, 40},  {2, 40, 16},
+                                     {1, 300, 70}, {1, 260, 280}, {1, 5, 7},    {2, 7, 11},
+                                     {1, 1, 13},  {1, 11, 1},    {1, 0, 5}};
+  StepData d = random_step_data(rng, type, 1.0, shapes, /*row_decades=*/4.0);
+  std::normal_distribution<double> normal(0.0, 1.0);
+  std::uniform_real_distribution<double> uniform(0.0, 1.0);
+  for (const Shape& s : shapes) {
+    std::vector<float> v(static_cast<size_t>(s.batch * s.rows));
+    for (size_t i = 0; i < v.size(); ++i) {  // every 5th row from zero, the rest over 4 decades
+      v[i] = i % 5 == 0 ? 0.f
+                        : static_cast<float>(std::fabs(normal(rng)) *
+                                             std::pow(10.0, -4.0 + 4.0 * uniform(rng)) /
+                                             static_cast<double>(s.cols));
+    }
+    d.vs.push_back(std::move(v));
+  }
+  const std::vector<double> coeffs = jordan_coefficients(5);
+  StepConfig cfg;
+  cfg.force_legacy = force_legacy;
+  cfg.normuon = true;
+  cfg.lr_on_device = true;
+  const StepResult r = run_gpu_step(d, type, cfg, coeffs, blas, stream);
+  const double lr = static_cast<float>(cfg.lr);
+
+  for (size_t t = 0; t < shapes.size(); ++t) {
+    const Shape& s = shapes[t];
+    const std::string name = "tensor " + std::to_string(t) + " (" + std::to_string(s.batch) +
+                             "x" + std::to_string(s.rows) + "x" + std::to_string(s.cols) + ")";
+    if (s.numel() == 0) {
+      expect(r.params[t].empty() && r.vs[t].empty(), name + " empty: untouched");
+      continue;
+    }
+    const int64_t mat = s.rows * s.cols;
+    double err_gpu = 0, err_emul = 0, atol2 = 0, update_norm2 = 0;
+    double v_err_gpu = 0, v_err_emul = 0, v_atol2 = 0, v_new2 = 0;
+    bool finite = true;
+    for (int64_t b = 0; b < s.batch; ++b) {
+      const Matrix u = direction_cpu(d, t, b, type, cfg);
+      const Matrix o_ref = orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, false);
+      const Matrix o_emul = orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, true);
+      std::vector<double> v_ref(d.vs[t].begin() + b * s.rows, d.vs[t].begin() + (b + 1) * s.rows);
+      std::vector<double> v_emul = v_ref;
+      const std::vector<double> r_ref =
+          normuon_rows_cpu(o_ref, s.rows, s.cols, v_ref, cfg.normuon_beta2, cfg.normuon_eps);
+      const std::vector<double> r_emul =
+          normuon_rows_cpu(o_emul, s.rows, s.cols, v_emul, cfg.normuon_beta2, cfg.normuon_eps);
+      const double scale = update_scale(s);
+      for (int64_t i = 0; i < mat; ++i) {
+        const size_t e = static_cast<size_t>(b * mat + i);
+        const int64_t row = i / s.cols;
+        const double p0 = load_elem(d.params[t], type, e);
+        const double step_ref = lr * scale * r_ref[row] * o_ref[i];
+        const double p_ref = p0 * (1.0 - lr * cfg.weight_decay) - step_ref;
+        const double p_emul = round_to(type, p0 * (1.0 - lr * cfg.weight_decay) -
+                                                 lr * scale * r_emul[row] * o_emul[i]);
+        const double got = load_elem(r.params[t], type, e);
+        finite = finite && std::isfinite(got);
+        err_gpu += (got - p_ref) * (got - p_ref);
+        err_emul += (p_emul - p_ref) * (p_emul - p_ref);
+        atol2 += ulp(type, p_ref) * ulp(type, p_ref);
+        update_norm2 += step_ref * step_ref;
+      }
+      for (int64_t i = 0; i < s.rows; ++i) {
+        const double got = r.vs[t][static_cast<size_t>(b * s.rows + i)];
+        const double v0 = d.vs[t][static_cast<size_t>(b * s.rows + i)];
+        const double v_emul_f32 = static_cast<float>(v_emul[i]);  // v is stored in fp32
+        finite = finite && std::isfinite(got);
+        v_err_gpu += (got - v_ref[i]) * (got - v_ref[i]);
+        v_err_emul += (v_emul_f32 - v_ref[i]) * (v_emul_f32 - v_ref[i]);
+        // fp32 arithmetic and storage of v: a few fp32 ulps per entry.
+        v_atol2 += 16 * ulp(mk::ElementType::kFloat32, v_ref[i]) *
+                   ulp(mk::ElementType::kFloat32, v_ref[i]);
+        v_new2 += (v_ref[i] - cfg.normuon_beta2 * v0) * (v_ref[i] - cfg.normuon_beta2 * v0);
+      }
+    }
+    // atol of the params as in check_step_against_reference: one ulp of P per element, and 2^-9
+    // of the update's norm for bf16 near-ties of X that fp32 and double accumulation round
+    // differently.
+    const double atol = std::sqrt(atol2) + std::ldexp(std::sqrt(update_norm2), -9);
+    // v: 4 fp32 ulps per entry, and the same near-ties: q_i is quadratic in X, so 2^-8 of the
+    // new part (1 - beta2) q_i / cols.
+    const double v_atol = std::sqrt(v_atol2) + std::ldexp(std::sqrt(v_new2), -8);
+    expect(finite, name + " params and v finite");
+    char buf[256];
+    std::snprintf(buf, sizeof(buf), " params: |gpu-ref|=%.3e <= 2*|emul-ref|=%.3e + atol %.3e",
+                  std::sqrt(err_gpu), 2 * std::sqrt(err_emul), atol);
+    expect(std::sqrt(err_gpu) <= 2 * std::sqrt(err_emul) + atol, name + buf);
+    std::snprintf(buf, sizeof(buf), " v: |gpu-ref|=%.3e <= 2*|emul-ref|=%.3e + atol %.3e",
+                  std::sqrt(v_err_gpu), 2 * std::sqrt(v_err_emul), v_atol);
+    expect(std::sqrt(v_err_gpu) <= 2 * std::sqrt(v_err_emul) + v_atol, name + buf);
+  }
+
+  // Chunking: the limits give several chunks per bucket with boundaries inside the 3-D stacks,
+  // then one matrix per chunk.
+  const std::vector<mk::MatrixTensor> shapes_only = shape_only_tensors(shapes);
+  const std::vector<mk::ShapeBucket> buckets = make_buckets(shapes);
+  for (const int64_t limit : {int64_t{12000}, int64_t{1}}) {
+    const mk::StepPlan plan = mk::plan_step(shapes_only, buckets, type, limit, {}, true);
+    bool splits_stack = false;  // a chunk boundary inside a 3-D stack
+    for (const mk::StepChunk& c : plan.chunks) {
+      for (size_t k = 0; k < c.tensors.size(); ++k) {
+        for (size_t ti = 0; ti < shapes.size(); ++ti) {
+          splits_stack = splits_stack || (shapes[ti].batch > 1 && c.tensors[k].batch < shapes[ti].batch &&
+                                          c.tensors[k].rows == shapes[ti].rows &&
+                                          c.tensors[k].cols == shapes[ti].cols);
+        }
+      }
+    }
+    StepConfig chunked = cfg;
+    chunked.workspace_limit = limit;
+    const StepResult c = run_gpu_step(d, type, chunked, coeffs, blas, stream);
+    const std::string where = "limit " + std::to_string(limit) + " B, " +
+                              std::to_string(plan.chunks.size()) + " chunks";
+    expect(plan.chunks.size() > buckets.size() && splits_stack,
+           where + ": several chunks per bucket, a 3-D stack split between chunks");
+    expect(c.params == r.params && c.vs == r.vs && c.moms == r.moms,
+           where + ": params, momentum and v bit-identical to one chunk per bucket");
+  }
+
+  // found_inf: nothing changes, v included.
+  StepConfig skip = cfg;
+  skip.found_inf = 1.f;
+  const StepResult sk = run_gpu_step(d, type, skip, coeffs, blas, stream);
+  expect(sk.params == d.params && sk.moms == d.moms && sk.vs == d.vs,
+         "found_inf=1 leaves params, momentum and v");
+
+  // Zero grads and momentum: O = 0, so q = 0, f = 0: P = P (1 - lr wd) to one ulp, v = beta2 v.
+  StepData zero = d;
+  for (auto& g : zero.grads) std::fill(g.begin(), g.end(), 0);
+  for (auto& m : zero.moms) std::fill(m.begin(), m.end(), 0.f);
+  const StepResult z = run_gpu_step(zero, type, cfg, coeffs, blas, stream);
+  bool ok = true;
+  const double decay = 1.0 - static_cast<double>(static_cast<float>(cfg.lr)) *
+                                 static_cast<double>(static_cast<float>(cfg.weight_decay));
+  for (size_t t = 0; t < shapes.size(); ++t) {
+    for (size_t i = 0; i < static_cast<size_t>(shapes[t].numel()); ++i) {
+      const double want = load_elem(zero.params[t], type, i) * decay;
+      const double got = load_elem(z.params[t], type, i);
+      ok = ok && std::isfinite(got) && std::fabs(got - want) <= ulp(type, want);
+    }
+    for (size_t i = 0; i < zero.vs[t].size(); ++i) {
+      const double want = cfg.normuon_beta2 * zero.vs[t][i];
+      ok = ok && std::fabs(z.vs[t][i] - want) <= 2 * ulp(mk::ElementType::kFloat32, want);
+    }
+  }
+  expect(ok, "zero grads: no NaN, P = P * (1 - lr wd) to one ulp, v = beta2 v");
 }
 
 }  // namespace
@@ -869,6 +1078,8 @@ int main() {
       check_chunking(rng, true, blas, stream);
       check_gram(rng, false, blas, stream);
       check_gram(rng, true, blas, stream);
+      check_normuon(rng, mk::ElementType::kFloat32, false, blas, stream);
+      check_normuon(rng, mk::ElementType::kBFloat16, true, blas, stream);
       check_prepare_fails_before_writing();
     }
     check_cuda(cudaStreamDestroy(stream), "cudaStreamDestroy");
