@@ -176,6 +176,8 @@ class _Unit:
     local: Any = None  # this rank's tensor of the param (the DTensor's local tensor)
     placements: Any = None  # a DTensor param's placements (None: a plain tensor)
     spec: Any = None  # a DTensor param's sharding spec (FSDP2's grads share it)
+    state: Any = None  # the param's state dict in `state_of` (an optimizer's state)
+    state_of: Any = None
 
     @property
     def tall(self) -> bool:
@@ -588,7 +590,8 @@ def _step_group(
         workspace_limit=-1 if limit is None else int(limit), lr=group["lr"],
         grad_scale=grad_scale, found_inf=found_inf,
     )
-    tensors = {u: _unit_tensors(optimizer.state, u) for u in units}
+    state = optimizer.state
+    tensors = {u: _unit_tensors(state, u) for u in units}
     for b in rt.plan(layout, units, len(schedule)):
         _step_bucket(rt, b, tensors, sc)
     for u in units:
@@ -599,7 +602,9 @@ def _step_group(
 def _unit_tensors(state: dict, u: _Unit) -> tuple[Tensor, Tensor, Tensor]:
     """This rank's (param, grad, momentum) of a unit, creating zero momentum on first use."""
     p = u.param
-    st = state[p]
+    if u.state_of is not state:  # the param's state dict, looked up once per optimizer.state
+        u.state, u.state_of = state[p], state  # (load_state_dict makes a new one)
+    st = u.state
     buf = st.get("momentum_buffer")
     if buf is None:
         st["momentum_buffer"] = buf = torch.zeros_like(
