@@ -3,6 +3,7 @@
     python benchmarks/bench_engine_targets.py mem 96    # peak extra RSS of a step, 96 x 512x2048 fp32
     python benchmarks/bench_engine_targets.py host      # Muon.step vs AdamW(fused=True), 500 x 4x4
     python benchmarks/bench_engine_targets.py normuon cpu_small   # step with normuon on vs off
+    python benchmarks/bench_engine_targets.py step cpu_small   # the fused step of a bench suite
     python benchmarks/bench_engine_targets.py fsdp      # FSDP2 Muon step (gloo, 2 ranks) vs
                                                         # AdamW(fused=True) in one process
 
@@ -93,6 +94,25 @@ def normuon(suite_name: str, steps: int = 15) -> dict:
             "off_ms": a, "on_ms": b, "ratio": b / a, "steps": steps}
 
 
+def step(suite_name: str, steps: int = 15) -> dict:
+    """Median time of ``Muon.step`` (fp32, the machine's threads) on a bench suite's shapes."""
+    from muon_ext.benchmarking.shapes import get_suite
+
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in get_suite(suite_name).shapes()]
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt = Muon(ps, lr=0.02)
+    opt.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    return {"what": "step", "suite": suite_name, "threads": torch.get_num_threads(),
+            "step_ms": statistics.median(times) * 1e3, "steps": steps}
+
+
 def _fsdp_worker(rank: int, world: int, port: int, steps: int, queue) -> None:
     import os
 
@@ -162,6 +182,9 @@ if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else "host"
     if what == "normuon":
         print(json.dumps(normuon(sys.argv[2] if len(sys.argv) > 2 else "cpu_small")))
+        sys.exit(0)
+    if what == "step":
+        print(json.dumps(step(sys.argv[2] if len(sys.argv) > 2 else "cpu_small")))
         sys.exit(0)
     torch.set_num_threads(1)
     print(json.dumps(mem(int(sys.argv[2])) if what == "mem" else host()))
