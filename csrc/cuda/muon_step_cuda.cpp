@@ -334,7 +334,8 @@ at::Tensor newton_schulz_cuda(const at::Tensor& x, at::ArrayRef<double> ns_coeff
 // and bandwidth-bound, the distributed step's collectives dominate next to them, and a device
 // found_inf is honoured with at::where (a selection, never a multiplication by 1 - found_inf,
 // since inf * 0 is NaN), so nothing is read on the host. Their temporaries hold one copy of
-// the call's tensors in fp32.
+// the call's tensors in fp32 (a bucket, in the distributed step), all made before the first
+// write, so a failed allocation changes nothing.
 
 // found_inf as a device bool tensor (nullopt: no flag); a CPU flag is read on the host.
 c10::optional<at::Tensor> device_flag(const c10::optional<at::Tensor>& found_inf,
@@ -367,15 +368,18 @@ void muon_momentum_cuda(at::TensorList grads, at::TensorList momentum_buffers, d
     const at::Tensor inv = grad_scale->to(grads[0].device(), at::kFloat).reciprocal();
     at::_foreach_mul_(g, inv);
   }
-  // M' = lerp(M, G', 1 - beta), computed aside so that a set flag keeps M.
+  // M' = lerp(M, G', 1 - beta) and U, computed aside (every allocation before the first write,
+  // so a failure changes nothing; and a set flag keeps M).
   std::vector<at::Tensor> m = at::_foreach_lerp(momentum_buffers, g, 1.0 - momentum);
+  std::vector<at::Tensor> u = nesterov ? at::_foreach_lerp(g, m, momentum) : m;
+  if (flag.has_value()) {
+    for (size_t i = 0; i < m.size(); ++i) m[i] = at::where(*flag, momentum_buffers[i], m[i]);
+  }
   const std::vector<int64_t> offsets = packed_offsets(grads);
   for (size_t i = 0; i < grads.size(); ++i) {
     if (grads[i].numel() == 0) continue;
-    const at::Tensor u = nesterov ? at::lerp(g[i], m[i], momentum) : m[i];
-    if (out.has_value()) out->narrow(0, offsets[i], grads[i].numel()).view(u.sizes()).copy_(u);
-    at::Tensor mb = momentum_buffers[i];
-    mb.copy_(flag.has_value() ? at::where(*flag, mb, m[i]) : m[i]);
+    if (out.has_value()) out->narrow(0, offsets[i], grads[i].numel()).view(u[i].sizes()).copy_(u[i]);
+    momentum_buffers[i].copy_(m[i]);
   }
 }
 
@@ -395,19 +399,26 @@ void muon_update_cuda(at::TensorList params, const at::Tensor& x, const at::Tens
   const double lr_value = host_lr ? lr.item<double>() : 0.0;
   const at::Tensor lr_dev = host_lr ? at::Tensor() : lr.to(at::kFloat).reshape({});
   const std::vector<int64_t> offsets = packed_offsets(params);
+  // Every new value computed aside first (all allocations before the first write).
+  std::vector<at::Tensor> next(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    at::Tensor p = params[i];
+    const at::Tensor& p = params[i];
     if (p.numel() == 0) continue;
     const at::Tensor xi = x.narrow(0, offsets[i], p.numel()).view(p.sizes()).to(at::kFloat);
-    at::Tensor next;
     if (host_lr) {
-      next = p.to(at::kFloat)
-                 .mul(static_cast<float>(1.0 - lr_value * weight_decay))
-                 .sub_(xi, static_cast<float>(lr_value * update_scales[i]));
+      next[i] = p.to(at::kFloat)
+                    .mul(static_cast<float>(1.0 - lr_value * weight_decay))
+                    .sub_(xi, static_cast<float>(lr_value * update_scales[i]));
     } else {
-      next = p.to(at::kFloat).mul(1.0 - lr_dev * weight_decay).sub_(xi * (lr_dev * update_scales[i]));
+      next[i] = p.to(at::kFloat)
+                    .mul(1.0 - lr_dev * weight_decay)
+                    .sub_(xi * (lr_dev * update_scales[i]));
     }
-    p.copy_(flag.has_value() ? at::where(*flag, p, next.to(p.scalar_type())) : next);
+    next[i] = next[i].to(p.scalar_type());
+    if (flag.has_value()) next[i] = at::where(*flag, p, next[i]);
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (next[i].defined()) params[i].copy_(next[i]);
   }
 }
 
