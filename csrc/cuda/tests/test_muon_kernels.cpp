@@ -864,6 +864,15 @@ TensorErrors tensor_errors(const StepData& d, size_t t, mk::ElementType type,
   return e;
 }
 
+// Reports one tensor's errors under the ratio rule, next to another run's error (`other`).
+void expect_ratio(const std::string& what, const TensorErrors& e, const char* other,
+                  double other_err) {
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), ": |gpu-ref|=%.3e <= 2*|emul-ref|=%.3e + %.3e (%s: %.3e)",
+                e.gpu, 2 * e.emul, e.atol, other, other_err);
+  expect(e.ok(), what + buf);
+}
+
 void check_gram(std::mt19937_64& rng, bool force_legacy, const Blas& blas, cudaStream_t stream) {
   std::printf("gram step (%s)\n", force_legacy ? "legacy cuBLAS" : "cuBLASLt");
   const mk::ElementType type = mk::ElementType::kFloat32;
@@ -889,12 +898,8 @@ void check_gram(std::mt19937_64& rng, bool force_legacy, const Blas& blas, cudaS
       const TensorErrors e =
           tensor_errors(d, t, type, cfg, coeffs, gram, true, &gcfg.gram_restarts);
       const double err_std = tensor_errors(d, t, type, cfg, coeffs, standard, true, nullptr).gpu;
-      char buf[256];
-      std::snprintf(buf, sizeof(buf),
-                    "%d it., tensor %zu: |gram-ref|=%.3e <= 2*|emul-ref|=%.3e + %.3e "
-                    "(standard step: %.3e)",
-                    steps, t, e.gpu, 2 * e.emul, e.atol, err_std);
-      expect(e.ok(), buf);
+      expect_ratio(std::to_string(steps) + " it. Gram, tensor " + std::to_string(t), e,
+                   "standard step", err_std);
     }
   }
 }
@@ -937,12 +942,8 @@ void check_ns_dtype(std::mt19937_64& rng, bool force_legacy, const Blas& blas,
                                            Storage(true, mk::NsType::kFloat16), emul_restarts);
       const double err_bf16 =
           tensor_errors(d, t, type, cfg, coeffs, bf16, true, emul_restarts).gpu;
-      char buf[256];
-      std::snprintf(buf, sizeof(buf),
-                    "%s fp16, tensor %zu: |gpu-ref|=%.3e <= 2*|emul-ref|=%.3e + %.3e "
-                    "(bf16 workspace: %.3e)",
-                    algo, t, e.gpu, 2 * e.emul, e.atol, err_bf16);
-      expect(e.ok(), buf);
+      expect_ratio(std::string(algo) + " fp16, tensor " + std::to_string(t), e,
+                   "bf16 workspace", err_bf16);
     }
 
     // Loss-scaled grads. 65536 is a power of two: G / 65536 is exact, so U is the same.
