@@ -1093,8 +1093,12 @@ def _validate_hyperparameters(
             )
         if group.get("gram_restarts") is not None:
             validate_gram_restarts(group["gram_restarts"])
-        if "ns_dtype" in group:  # stored by name (torch.float16 -> "float16")
-            group["ns_dtype"] = resolve_ns_dtype(group["ns_dtype"])
+        if "ns_dtype" in group:
+            # Stored by name (torch.float16 -> "float16"); only a dtype is rewritten, since a
+            # store at every step would make a compiled step retrace.
+            name = resolve_ns_dtype(group["ns_dtype"])
+            if not isinstance(group["ns_dtype"], str):
+                group["ns_dtype"] = name
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     num_heads = group.get("num_heads")
