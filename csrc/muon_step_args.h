@@ -125,7 +125,8 @@ void check_ns_coefficients(const std::vector<double>& ns_coefficients, double ep
 // them (muon_ext/distributed.py) while muon_step_ runs the same passes in one call:
 //   muon_momentum_(grads, momentum_buffers, momentum, nesterov, grad_scale, found_inf, out)
 //       phase 1: M = lerp(M, G / s, 1 - beta), and U (Nesterov or M) packed into `out`
-//   muon_orthogonalize_(x, shapes, ns_coefficients, eps, ns_algorithm, gram_restarts, limit)
+//   muon_orthogonalize_(x, shapes, ns_coefficients, eps, ns_algorithm, gram_restarts, limit,
+//                       ns_dtype)
 //       phase 2-3 in place: each matrix of x to NS(U / max(||U||_F, eps)), per shape bucket,
 //       in workspace-sized chunks (NOTE: [Workspace budget])
 //   muon_update_(params, x, lr, weight_decay, update_scales, found_inf)
