@@ -28,7 +28,7 @@ TORCH_LIBRARY(muon_ext, m) {
       "float[] ns_coefficients, float[] update_scales, Tensor? grad_scale=None, "
       "Tensor? found_inf=None, int workspace_limit=-1, str ns_algorithm=\"standard\", "
       "int[] gram_restarts=[2], Tensor(c!)[]? normuon_buffers=None, float normuon_beta2=0.95, "
-      "float normuon_eps=1e-08) -> ()");
+      "float normuon_eps=1e-08, str ns_dtype=\"bfloat16\") -> ()");
   // The phases of muon_step_ as ops of their own, on packed buffers: see NOTE: [Phase ops] in
   // csrc/muon_step_args.h.
   m.def(
@@ -37,7 +37,8 @@ TORCH_LIBRARY(muon_ext, m) {
       "-> ()");
   m.def(
       "muon_orthogonalize_(Tensor(a!) x, int[] shapes, float[] ns_coefficients, float eps, "
-      "str ns_algorithm=\"standard\", int[] gram_restarts=[2], int workspace_limit=-1) -> ()");
+      "str ns_algorithm=\"standard\", int[] gram_restarts=[2], int workspace_limit=-1, "
+      "str ns_dtype=\"bfloat16\") -> ()");
   m.def(
       "muon_update_(Tensor(a!)[] params, Tensor x, Tensor lr, float weight_decay, "
       "float[] update_scales, Tensor? found_inf=None) -> ()");
@@ -47,13 +48,15 @@ TORCH_LIBRARY(muon_ext, m) {
   // for a step with normuon_buffers (NorMuon's per-row regions, small: one float per row).
   m.def(
       "muon_step_workspace_bytes(Tensor[] params, int workspace_limit=-1, "
-      "str ns_algorithm=\"standard\", bool normuon=False) -> int");
+      "str ns_algorithm=\"standard\", bool normuon=False, str ns_dtype=\"bfloat16\") -> int");
   // Orthogonalization alone for a (B, rows, cols) batch: X / max(||X||_F, eps) per matrix,
   // then the Newton-Schulz iterations. Returns a new tensor of x's shape and dtype.
-  // ns_algorithm / gram_restarts: NOTE: [Newton-Schulz algorithm] in csrc/muon_step_args.h.
+  // ns_algorithm / gram_restarts: NOTE: [Newton-Schulz algorithm] in csrc/muon_step_args.h;
+  // ns_dtype ("bfloat16" / "float16", the CUDA iteration's type): NOTE: [Newton-Schulz dtype].
   m.def(
       "newton_schulz(Tensor x, float[] ns_coefficients, float eps, "
-      "str ns_algorithm=\"standard\", int[] gram_restarts=[2]) -> Tensor");
+      "str ns_algorithm=\"standard\", int[] gram_restarts=[2], str ns_dtype=\"bfloat16\") "
+      "-> Tensor");
 }
 
 namespace {

@@ -68,10 +68,19 @@ void check_ns_coefficients(const std::vector<double>& c, double eps) {
   TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, "eps must be a finite number >= 0, got ", eps);
 }
 
+NsDtype parse_ns_dtype(c10::string_view ns_dtype) {
+  if (ns_dtype == "bfloat16") return NsDtype::kBFloat16;
+  TORCH_CHECK(ns_dtype == "float16", "ns_dtype must be 'bfloat16' or 'float16', got '",
+              std::string(ns_dtype), "'");
+  return NsDtype::kFloat16;
+}
+
 NsConfig make_ns_config(std::vector<double> coefficients, double eps,
-                        c10::string_view ns_algorithm, at::IntArrayRef gram_restarts) {
+                        c10::string_view ns_algorithm, at::IntArrayRef gram_restarts,
+                        c10::string_view ns_dtype) {
   check_ns_coefficients(coefficients, eps);
   NsConfig c;
+  c.dtype = parse_ns_dtype(ns_dtype);
   c.coefficients = std::move(coefficients);
   if (ns_algorithm == "standard") {
     c.algorithm = NsAlgorithm::kStandard;

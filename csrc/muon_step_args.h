@@ -40,15 +40,30 @@ inline bool gram_shape_ok(int64_t m, int64_t n) {
   return static_cast<double>(n) >= kGramMinAspect * static_cast<double>(m);
 }
 
+// NOTE: [Newton-Schulz dtype]
+// The element type the CUDA step iterates in (its workspace: X, the Gram R, Z, Q and T): bf16
+// (kBFloat16, the default: torch's numerics) or fp16 (kFloat16: 3 more mantissa bits, a range
+// up to 65504, which the normalized iterates never approach: Gram Newton-Schulz prefers it).
+// Phase 2 normalizes in fp32 and casts only then, so a loss-scaled grad cannot overflow the
+// cast. The GEMMs accumulate in fp32 either way. The CPU step iterates in fp32 whatever the
+// choice (NOTE: [fp32 Newton-Schulz on CPU] in csrc/cpu/muon_step_cpu.cpp).
+enum class NsDtype { kBFloat16, kFloat16 };
+
+// Parses "bfloat16" / "float16"; the error names the argument.
+NsDtype parse_ns_dtype(c10::string_view ns_dtype);
+
 struct NsConfig {
   std::vector<double> coefficients;   // flat (a0, b0, c0, a1, b1, c1, ...)
   NsAlgorithm algorithm = NsAlgorithm::kStandard;
   std::vector<int64_t> gram_restarts;  // strictly increasing iteration counts >= 1
+  NsDtype dtype = NsDtype::kBFloat16;  // NOTE: [Newton-Schulz dtype]
 };
 
-// Parses "standard" / "gram" / "auto" and checks gram_restarts; errors name the argument.
+// Parses "standard" / "gram" / "auto" and ns_dtype, and checks gram_restarts; errors name the
+// argument.
 NsConfig make_ns_config(std::vector<double> coefficients, double eps,
-                        c10::string_view ns_algorithm, at::IntArrayRef gram_restarts);
+                        c10::string_view ns_algorithm, at::IntArrayRef gram_restarts,
+                        c10::string_view ns_dtype);
 
 // NOTE: [NorMuon]
 // With normuon_buffers (one float32 (B, rows) tensor per param view; an empty list turns it
@@ -110,7 +125,8 @@ void check_ns_coefficients(const std::vector<double>& ns_coefficients, double ep
 // them (muon_ext/distributed.py) while muon_step_ runs the same passes in one call:
 //   muon_momentum_(grads, momentum_buffers, momentum, nesterov, grad_scale, found_inf, out)
 //       phase 1: M = lerp(M, G / s, 1 - beta), and U (Nesterov or M) packed into `out`
-//   muon_orthogonalize_(x, shapes, ns_coefficients, eps, ns_algorithm, gram_restarts, limit)
+//   muon_orthogonalize_(x, shapes, ns_coefficients, eps, ns_algorithm, gram_restarts, limit,
+//                       ns_dtype)
 //       phase 2-3 in place: each matrix of x to NS(U / max(||U||_F, eps)), per shape bucket,
 //       in workspace-sized chunks (NOTE: [Workspace budget])
 //   muon_update_(params, x, lr, weight_decay, update_scales, found_inf)

@@ -11,6 +11,8 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import torch
+
 Triple = tuple[float, float, float]
 
 JORDAN: Triple = (3.4445, -4.7750, 2.0315)
@@ -63,6 +65,32 @@ PRESETS: dict[str, tuple[Triple, ...]] = {
 ADJUST_LR_FNS = (None, "original", "match_rms_adamw", "spectral_unclamped")
 
 NS_ALGORITHM_CHOICES = ("standard", "gram", "auto")
+
+# NOTE: [Newton-Schulz dtype] in csrc/muon_step_args.h: the element type the CUDA step iterates
+# in, "bfloat16" (torch's numerics, the default) or "float16" (Gram Newton-Schulz prefers it).
+# The CPU step iterates in fp32 whatever it says (NOTE: [fp32 Newton-Schulz on CPU]).
+NS_DTYPE_CHOICES = ("bfloat16", "float16")
+_NS_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_ns_dtype(ns_dtype) -> str:
+    """The name in :data:`NS_DTYPE_CHOICES` of ``ns_dtype``, a name or ``torch.bfloat16`` /
+    ``torch.float16``; ValueError otherwise."""
+    if isinstance(ns_dtype, torch.dtype):
+        for name, dtype in _NS_DTYPES.items():
+            if ns_dtype == dtype:
+                return name
+    elif isinstance(ns_dtype, str) and ns_dtype in NS_DTYPE_CHOICES:
+        return ns_dtype
+    raise ValueError(
+        f"ns_dtype must be one of {NS_DTYPE_CHOICES} (or torch.bfloat16 / torch.float16), "
+        f"got {ns_dtype!r}"
+    )
+
+
+def ns_torch_dtype(ns_dtype) -> torch.dtype:
+    """The torch dtype of ``ns_dtype`` (a name or a dtype, as :func:`resolve_ns_dtype`)."""
+    return _NS_DTYPES[resolve_ns_dtype(ns_dtype)]
 
 # "gram" runs Gram Newton-Schulz on matrices whose wide orientation m x n has
 # n >= GRAM_MIN_ASPECT * m (the only ones where it saves FLOPs) and standard NS on square-ish

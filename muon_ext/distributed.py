@@ -565,6 +565,7 @@ class _Scalars:
     schedule: list[tuple[float, float, float]]
     ns_algorithm: str
     gram_restarts: list[int]
+    ns_dtype: str  # NOTE: [Newton-Schulz dtype]
     workspace_limit: int
     lr: Any  # float or Tensor (group["lr"])
     grad_scale: Tensor | None
@@ -587,6 +588,7 @@ def _step_group(
         weight_decay=group["weight_decay"], flat=flat_coefficients(schedule), schedule=schedule,
         ns_algorithm=group.get("ns_algorithm", "standard"),
         gram_restarts=resolve_gram_restarts(group.get("gram_restarts"), len(schedule)),
+        ns_dtype=group.get("ns_dtype", "bfloat16"),
         workspace_limit=-1 if limit is None else int(limit), lr=group["lr"],
         grad_scale=grad_scale, found_inf=found_inf,
     )
@@ -636,14 +638,15 @@ def _orthogonalize(rt: _Runtime, route: str, x: Tensor, shapes: list[int], sc: _
     rt.stats.matrices += sum(shapes[k] for k in range(0, len(shapes), 3))
     if route == "ops":
         ops.muon_orthogonalize_(x, shapes, sc.flat, sc.eps, sc.ns_algorithm, sc.gram_restarts,
-                                sc.workspace_limit)
+                                sc.workspace_limit, sc.ns_dtype)
     else:
         # Per segment shape, as the single-process pure-PyTorch step resolves it.
         algorithm = [
             resolve_ns_algorithm(sc.ns_algorithm, shapes[k + 1], shapes[k + 2], x.device.type)
             for k in range(0, len(shapes), 3)
         ]
-        orthogonalize_packed_(x, shapes, sc.schedule, sc.eps, algorithm, sc.gram_restarts)
+        orthogonalize_packed_(x, shapes, sc.schedule, sc.eps, algorithm, sc.gram_restarts,
+                              sc.ns_dtype)
 
 
 def _update(route: str, params, x: Tensor, scales: list[float], sc: _Scalars) -> None:

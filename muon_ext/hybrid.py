@@ -96,8 +96,9 @@ class MuonWithAdamW(Muon):
     Args:
         params: param groups (dicts), each with ``use_muon``.
         lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
-            fused, capturable, ns_algorithm, gram_restarts, num_heads, split_sizes, split_dim,
-            rms_target, normuon, normuon_beta2, normuon_eps: defaults of the Muon groups, as in :class:`muon_ext.Muon`
+            fused, capturable, ns_algorithm, gram_restarts, ns_dtype, num_heads, split_sizes,
+            split_dim, rms_target, normuon, normuon_beta2, normuon_eps: defaults of the Muon
+            groups, as in :class:`muon_ext.Muon`
             (``lr=0.02``, ``weight_decay=0.01`` here: Keller Jordan's recipe for
             ``adjust_lr_fn=None``; with ``"match_rms_adamw"`` use your AdamW lr and weight
             decay instead). ``capturable`` also applies to the AdamW groups.
@@ -143,6 +144,7 @@ class MuonWithAdamW(Muon):
         workspace_limit: int | None = None,
         ns_algorithm: str = "standard",
         gram_restarts: Sequence[int] | None = None,
+        ns_dtype: str | torch.dtype = "bfloat16",
         num_heads: int | None = None,
         split_sizes: Sequence[int] | None = None,
         split_dim: int = 0,
@@ -154,8 +156,8 @@ class MuonWithAdamW(Muon):
         muon_defaults = _muon_defaults(
             lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
             fused=fused, capturable=capturable, ns_algorithm=ns_algorithm,
-            gram_restarts=gram_restarts, num_heads=num_heads, split_sizes=split_sizes,
-            split_dim=split_dim, rms_target=rms_target, normuon=normuon,
+            gram_restarts=gram_restarts, ns_dtype=ns_dtype, num_heads=num_heads,
+            split_sizes=split_sizes, split_dim=split_dim, rms_target=rms_target, normuon=normuon,
             normuon_beta2=normuon_beta2, normuon_eps=normuon_eps,
         )
         _validate_hyperparameters(muon_defaults, where="MuonWithAdamW")
@@ -192,6 +194,7 @@ class MuonWithAdamW(Muon):
             workspace_limit=workspace_limit,
             ns_algorithm=ns_algorithm,
             gram_restarts=gram_restarts,
+            ns_dtype=ns_dtype,
             num_heads=num_heads,
             split_sizes=split_sizes,
             split_dim=split_dim,

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ._extension import extension_available, require_extension
+from .coefficients import resolve_ns_dtype
 
 __all__ = [
     "DEFAULT_WORKSPACE_LIMIT",
@@ -49,6 +50,7 @@ def muon_step_(
     normuon_buffers: Sequence[Tensor] = (),
     normuon_beta2: float = 0.95,
     normuon_eps: float = 1e-8,
+    ns_dtype: str | torch.dtype = "bfloat16",
 ) -> None:
     """The fused Muon step on 3-D (batch, rows, cols) views; see csrc/muon_step_args.h.
 
@@ -58,6 +60,8 @@ def muon_step_(
     count in ``gram_restarts``) or "auto" (per bucket; NOTE: [Newton-Schulz algorithm]).
     ``normuon_buffers``: empty (off) or one float32 (batch, rows) second-moment buffer per view:
     NorMuon's per-row normalization after Newton-Schulz (NOTE: [NorMuon]).
+    ``ns_dtype``: "bfloat16" or "float16" (or those torch dtypes), the element type CUDA
+    iterates in; CPU iterates in fp32 either way (NOTE: [Newton-Schulz dtype]).
     """
     torch.ops.muon_ext.muon_step_(
         list(params),
@@ -78,6 +82,7 @@ def muon_step_(
         list(normuon_buffers) or None,
         float(normuon_beta2),
         float(normuon_eps),
+        _ns_dtype(ns_dtype),
     )
 
 
@@ -112,13 +117,14 @@ def muon_orthogonalize_(
     ns_algorithm: str = "standard",
     gram_restarts: Sequence[int] = (2,),
     workspace_limit: int = -1,
+    ns_dtype: str | torch.dtype = "bfloat16",
 ) -> None:
     """Phases 2-3 in place: every matrix of the packed ``x`` (described by the flat
     ``(batch, rows, cols)`` triples ``shapes``, in the param's orientation) becomes
     ``NS(U / max(||U||_F, eps))``, per shape bucket, in workspace-sized chunks."""
     torch.ops.muon_ext.muon_orthogonalize_(
         x, _ints(shapes), [float(c) for c in ns_coefficients], float(eps),
-        str(ns_algorithm), _ints(gram_restarts), int(workspace_limit),
+        str(ns_algorithm), _ints(gram_restarts), int(workspace_limit), _ns_dtype(ns_dtype),
     )
 
 
@@ -150,18 +156,26 @@ def _ints(values: Sequence[int]) -> list[int]:
     return values if type(values) is list else [int(v) for v in values]
 
 
+def _ns_dtype(ns_dtype: str | torch.dtype) -> str:
+    """The op's ns_dtype string: a dtype becomes its name; a string goes to the op as is (the op
+    names the argument in its error)."""
+    return resolve_ns_dtype(ns_dtype) if isinstance(ns_dtype, torch.dtype) else str(ns_dtype)
+
+
 def muon_step_workspace_bytes(
     params: Sequence[Tensor],
     workspace_limit: int = -1,
     ns_algorithm: str = "standard",
     normuon: bool = False,
+    ns_dtype: str | torch.dtype = "bfloat16",
 ) -> int:
     """Bytes of scratch memory :func:`muon_step_` allocates for these 3-D views (no allocation);
     ``normuon``: for a step with ``normuon_buffers`` (NorMuon's per-row multipliers)."""
     require_extension()
     return int(
         torch.ops.muon_ext.muon_step_workspace_bytes(
-            list(params), int(workspace_limit), str(ns_algorithm), bool(normuon)
+            list(params), int(workspace_limit), str(ns_algorithm), bool(normuon),
+            _ns_dtype(ns_dtype),
         )
     )
 
@@ -172,12 +186,14 @@ def newton_schulz(
     eps: float = 1e-7,
     ns_algorithm: str = "standard",
     gram_restarts: Sequence[int] = (2,),
+    ns_dtype: str | torch.dtype = "bfloat16",
 ) -> Tensor:
-    """Orthogonalizes each matrix of a (batch, rows, cols) tensor (fp32 on CPU, bf16 on CUDA)."""
+    """Orthogonalizes each matrix of a (batch, rows, cols) tensor (fp32 on CPU; on CUDA in
+    ``ns_dtype``, bf16 or fp16)."""
     require_extension()
     return torch.ops.muon_ext.newton_schulz(
         x, [float(c) for c in ns_coefficients], float(eps), str(ns_algorithm),
-        [int(r) for r in gram_restarts],
+        [int(r) for r in gram_restarts], _ns_dtype(ns_dtype),
     )
 
 
@@ -188,7 +204,7 @@ if extension_available():
         params, grads, momentum_buffers, lr, momentum, nesterov, weight_decay, eps,
         ns_coefficients, update_scales, grad_scale=None, found_inf=None, workspace_limit=-1,
         ns_algorithm="standard", gram_restarts=(2,), normuon_buffers=None, normuon_beta2=0.95,
-        normuon_eps=1e-8,
+        normuon_eps=1e-8, ns_dtype="bfloat16",
     ) -> None:
         return None
 
@@ -201,7 +217,7 @@ if extension_available():
     @torch.library.register_fake("muon_ext::muon_orthogonalize_")
     def _muon_orthogonalize_fake(
         x, shapes, ns_coefficients, eps, ns_algorithm="standard", gram_restarts=(2,),
-        workspace_limit=-1,
+        workspace_limit=-1, ns_dtype="bfloat16",
     ) -> None:
         return None
 
@@ -214,5 +230,7 @@ if extension_available():
         return None
 
     @torch.library.register_fake("muon_ext::newton_schulz")
-    def _newton_schulz_fake(x, ns_coefficients, eps, ns_algorithm="standard", gram_restarts=(2,)):
+    def _newton_schulz_fake(
+        x, ns_coefficients, eps, ns_algorithm="standard", gram_restarts=(2,), ns_dtype="bfloat16"
+    ):
         return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -35,8 +35,10 @@ from .coefficients import (
     flat_coefficients,
     matrix_blocks,
     matrix_shape,
+    ns_torch_dtype,
     resolve_ns_algorithm,
     resolve_ns_coefficients,
+    resolve_ns_dtype,
     update_scale,
 )
 from .reference import (
@@ -98,7 +100,7 @@ def _describe(param_names: list[str] | None, group_index: int, position: int) ->
 
 def _muon_defaults(
     lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn, *,
-    fused, capturable, ns_algorithm="standard", gram_restarts=None,
+    fused, capturable, ns_algorithm="standard", gram_restarts=None, ns_dtype="bfloat16",
     num_heads=None, split_sizes=None, split_dim=0, rms_target=DEFAULT_RMS_TARGET,
     normuon=False, normuon_beta2=0.95, normuon_eps=1e-8,
 ) -> dict[str, Any]:
@@ -116,6 +118,7 @@ def _muon_defaults(
         "capturable": capturable,
         "ns_algorithm": ns_algorithm,
         "gram_restarts": tuple(gram_restarts) if isinstance(gram_restarts, list) else gram_restarts,
+        "ns_dtype": ns_dtype,
         "num_heads": num_heads,
         "split_sizes": tuple(split_sizes) if isinstance(split_sizes, list) else split_sizes,
         "split_dim": split_dim,
@@ -132,6 +135,7 @@ _LATER_GROUP_KEYS: dict[str, Any] = {
     "capturable": False,
     "ns_algorithm": "standard",  # checkpoints from before Gram NS
     "gram_restarts": None,
+    "ns_dtype": "bfloat16",  # from before the fp16 Newton-Schulz workspace
     "num_heads": None,  # from before matrix blocks
     "split_sizes": None,
     "split_dim": 0,
@@ -267,6 +271,14 @@ class Muon(Optimizer):
       ``muon_ext.reference.default_gram_restarts``) or ``"auto"`` (Gram where it was measured
       to be faster: see ``muon_ext.coefficients.resolve_ns_algorithm``; on CUDA, standard
       until measured on a GPU).
+    * ``ns_dtype`` (keyword-only, a group hyperparameter, checkpointed): the element type the
+      CUDA step's Newton-Schulz iterates in, ``"bfloat16"`` (the default: torch's numerics) or
+      ``"float16"`` (8x finer rounding, the choice of the published Gram Newton-Schulz recipe);
+      ``torch.bfloat16`` / ``torch.float16`` are accepted and stored as those names. Either way
+      the GEMMs accumulate in fp32 and the update is normalized in fp32 before the cast, so
+      loss-scaled gradients do not overflow fp16. On CPU the step iterates in fp32 whatever it
+      says (NOTE: [fp32 Newton-Schulz on CPU]); the pure-PyTorch step on other accelerators
+      iterates in it.
     * Matrix blocks (keyword-only group hyperparameters, checkpointed; NOTE: [Matrix blocks]):
       ``num_heads=H`` orthogonalizes a 2-D param of H·d rows as H independent (d, cols)
       matrices (attention projections per head); ``split_sizes=(s1, s2, ...)`` cuts dim
@@ -307,6 +319,7 @@ class Muon(Optimizer):
         workspace_limit: int | None = None,
         ns_algorithm: str = "standard",
         gram_restarts: Sequence[int] | None = None,
+        ns_dtype: str | torch.dtype = "bfloat16",
         num_heads: int | None = None,
         split_sizes: Sequence[int] | None = None,
         split_dim: int = 0,
@@ -323,8 +336,8 @@ class Muon(Optimizer):
         defaults = _muon_defaults(
             lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
             fused=fused, capturable=capturable, ns_algorithm=ns_algorithm,
-            gram_restarts=gram_restarts, num_heads=num_heads, split_sizes=split_sizes,
-            split_dim=split_dim, rms_target=rms_target, normuon=normuon,
+            gram_restarts=gram_restarts, ns_dtype=ns_dtype, num_heads=num_heads,
+            split_sizes=split_sizes, split_dim=split_dim, rms_target=rms_target, normuon=normuon,
             normuon_beta2=normuon_beta2, normuon_eps=normuon_eps,
         )
         _validate_hyperparameters(defaults, where="Muon")
@@ -658,7 +671,8 @@ class Muon(Optimizer):
                 most = max(
                     most,
                     ops.muon_step_workspace_bytes(
-                        probes, limit, group["ns_algorithm"], bool(group.get("normuon", False))
+                        probes, limit, group["ns_algorithm"], bool(group.get("normuon", False)),
+                        group.get("ns_dtype", "bfloat16"),
                     ),
                 )
         return most
@@ -935,6 +949,7 @@ def _run_call(
         normuon or (),
         group.get("normuon_beta2", 0.95),
         group.get("normuon_eps", 1e-8),
+        group.get("ns_dtype", "bfloat16"),
     )
     if normuon is not None:
         for v, copy, w in zip(call.normuon_views, call.normuon_copy, normuon):  # type: ignore[arg-type]
@@ -971,7 +986,8 @@ def _single_tensor_muon(
     orthogonalized on its own with its scale from the list ``update_scales[i]``; None: one
     matrix view with the float ``update_scales[i]``.
 
-    Newton-Schulz in bf16 on accelerators (as torch.optim.Muon) and fp32 on CPU. It reads
+    Newton-Schulz in the group's ``ns_dtype`` on accelerators (bf16 by default, as
+    torch.optim.Muon) and fp32 on CPU. It reads
     ``found_inf`` and a Tensor lr on the host (a sync on accelerators, a graph break under
     torch.compile), so ``capturable=True`` groups never get here with accelerator params:
     ``_capturable_problem`` rejects them when the group is added and at every step.
@@ -996,7 +1012,10 @@ def _single_tensor_muon(
             g = g / grad_scale.to(device=g.device, dtype=g.dtype)
         buf.lerp_(g, 1 - beta)
         update = g.lerp(buf, beta) if group["nesterov"] else buf
-        ns_dtype = torch.float32 if p.device.type == "cpu" else torch.bfloat16
+        ns_dtype = (
+            torch.float32 if p.device.type == "cpu"
+            else ns_torch_dtype(group.get("ns_dtype", "bfloat16"))
+        )
         if param_blocks is not None:
             p.mul_(1 - lr * wd)
             shapes = [b.matrix_shape(p.shape) for b in param_blocks]
@@ -1074,6 +1093,12 @@ def _validate_hyperparameters(
             )
         if group.get("gram_restarts") is not None:
             validate_gram_restarts(group["gram_restarts"])
+        if "ns_dtype" in group:
+            # Stored by name (torch.float16 -> "float16"); only a dtype is rewritten, since a
+            # store at every step would make a compiled step retrace.
+            name = resolve_ns_dtype(group["ns_dtype"])
+            if not isinstance(group["ns_dtype"], str):
+                group["ns_dtype"] = name
     except ValueError as exc:
         raise ValueError(f"{where}: {exc}") from None
     num_heads = group.get("num_heads")

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .coefficients import MatrixBlock, Triple, blocking_requested, matrix_blocks, matrix_shape
+from .coefficients import (
+    MatrixBlock, Triple, blocking_requested, matrix_blocks, matrix_shape, ns_torch_dtype,
+)
 
 __all__ = [
     "NS_ALGORITHMS",
@@ -230,10 +232,11 @@ def momentum_packed_(grads, momentum_buffers, momentum, nesterov, grad_scale=Non
 
 
 def orthogonalize_packed_(x, shapes, ns_coefficients, eps, algorithm="standard",
-                          gram_restarts=None) -> None:
+                          gram_restarts=None, ns_dtype="bfloat16") -> None:
     """``muon_orthogonalize_``: each (batch, rows, cols) segment of ``x`` orthogonalized in
-    place. ``algorithm``: one for all, or a list with one per segment."""
-    ns_dtype = torch.float32 if x.device.type == "cpu" else torch.bfloat16
+    place. ``algorithm``: one for all, or a list with one per segment. Iterates in fp32 on CPU
+    and in ``ns_dtype`` elsewhere."""
+    ns_dtype = torch.float32 if x.device.type == "cpu" else ns_torch_dtype(ns_dtype)
     offset = 0
     for k in range(0, len(shapes), 3):
         batch, rows, cols = shapes[k : k + 3]

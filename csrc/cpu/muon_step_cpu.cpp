@@ -8,7 +8,9 @@
 // NOTE: [fp32 Newton-Schulz on CPU]
 // torch.optim.Muon orthogonalizes in bf16. On CPU a bf16 matmul runs about 100x slower than
 // an fp32 one (no bf16 GEMM microkernels on most x86 parts), so the CPU path iterates in fp32:
-// faster *and* more accurate; the result differs from torch only by bf16 rounding.
+// faster *and* more accurate; the result differs from torch only by bf16 rounding. The ops'
+// ns_dtype (NOTE: [Newton-Schulz dtype] in muon_step_args.h) is validated and then ignored here:
+// bf16 and fp16 both iterate in fp32 on CPU, bit for bit the same.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -460,12 +462,13 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
                    const c10::optional<at::Tensor>& found_inf, int64_t workspace_limit,
                    c10::string_view ns_algorithm, at::IntArrayRef gram_restarts,
                    const c10::optional<at::TensorList>& normuon_list, double normuon_beta2,
-                   double normuon_eps) {
+                   double normuon_eps, c10::string_view ns_dtype) {
   // None and [] both turn NorMuon off.
   const at::TensorList normuon_buffers = normuon_list.has_value() ? *normuon_list : at::TensorList();
   const MuonStepArgs args{momentum,       nesterov,           weight_decay, eps,
                           ns_coefficients.vec(), update_scales.vec(), normuon_beta2, normuon_eps};
-  const NsConfig ns = make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts);
+  const NsConfig ns =
+      make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts, ns_dtype);
   check_muon_step_args(params, grads, momentum_buffers, normuon_buffers, lr, args, grad_scale,
                        found_inf, c10::DeviceType::CPU);
   resolve_workspace_limit(workspace_limit);
@@ -535,8 +538,9 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
 }
 
 int64_t muon_step_workspace_bytes_cpu(at::TensorList params, int64_t workspace_limit,
-                                      c10::string_view ns_algorithm, bool normuon) {
-  const NsConfig ns = make_ns_config({1.0, 0.0, 0.0}, 0.0, ns_algorithm, {});
+                                      c10::string_view ns_algorithm, bool normuon,
+                                      c10::string_view ns_dtype) {
+  const NsConfig ns = make_ns_config({1.0, 0.0, 0.0}, 0.0, ns_algorithm, {}, ns_dtype);
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].dim() == 3, "muon_step_workspace_bytes: params[", i,
                 "] must be a 3-D (batch, rows, cols) view, got shape ", params[i].sizes());
@@ -549,12 +553,13 @@ int64_t muon_step_workspace_bytes_cpu(at::TensorList params, int64_t workspace_l
 
 at::Tensor newton_schulz_cpu(const at::Tensor& x, at::ArrayRef<double> ns_coefficients,
                              double eps, c10::string_view ns_algorithm,
-                             at::IntArrayRef gram_restarts) {
+                             at::IntArrayRef gram_restarts, c10::string_view ns_dtype) {
   TORCH_CHECK(x.dim() == 3, "newton_schulz: x must be a 3-D (batch, rows, cols) tensor, got shape ",
               x.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "newton_schulz: x must be floating point, got ",
               x.scalar_type());
-  const NsConfig ns = make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts);
+  const NsConfig ns =
+      make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts, ns_dtype);
   if (x.numel() == 0) return at::empty_like(x, at::MemoryFormat::Contiguous);
   const bool tall = x.size(1) > x.size(2);
   const at::Tensor wide = tall ? x.transpose(1, 2) : x;
@@ -618,8 +623,9 @@ void muon_momentum_cpu(at::TensorList grads, at::TensorList momentum_buffers, do
 void muon_orthogonalize_cpu(const at::Tensor& x, at::IntArrayRef shapes,
                             at::ArrayRef<double> ns_coefficients, double eps,
                             c10::string_view ns_algorithm, at::IntArrayRef gram_restarts,
-                            int64_t workspace_limit) {
-  const NsConfig ns = make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts);
+                            int64_t workspace_limit, c10::string_view ns_dtype) {
+  const NsConfig ns =
+      make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts, ns_dtype);
   const std::vector<at::Tensor> views = orthogonalize_segments(x, shapes, c10::DeviceType::CPU);
   resolve_workspace_limit(workspace_limit);
   const std::vector<Bucket> buckets = make_buckets(views);

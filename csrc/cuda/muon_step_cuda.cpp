@@ -124,6 +124,11 @@ std::vector<bool> cuda_gram_buckets(const NsConfig& ns, const std::vector<mk::Sh
   return gram;
 }
 
+// The workspace element type of NOTE: [Newton-Schulz dtype].
+mk::NsType ns_type(const NsConfig& ns) {
+  return ns.dtype == NsDtype::kFloat16 ? mk::NsType::kFloat16 : mk::NsType::kBFloat16;
+}
+
 // NOTE: [Fault injection] (csrc/cpu/muon_step_cpu.cpp): MUON_EXT_TEST_FAIL_BEFORE_WRITE=1 throws
 // after everything that can fail is done and before the first write.
 void maybe_inject_failure(const char* op) {
@@ -144,7 +149,7 @@ void plan_and_run(const char* op, const std::vector<mk::MatrixTensor>& tensors,
   mk::StepPlan plan;
   run_phase(op, [&] {
     plan = mk::plan_step(tensors, buckets, type, workspace_limit, cuda_gram_buckets(ns, buckets),
-                         normuon);
+                         normuon, ns_type(ns));
   });
   at::Tensor workspace =
       at::empty({static_cast<int64_t>(plan.workspace_bytes)}, options.dtype(at::kByte));
@@ -210,11 +215,12 @@ void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
                     const c10::optional<at::Tensor>& found_inf, int64_t workspace_limit,
                     c10::string_view ns_algorithm, at::IntArrayRef gram_restarts,
                     const c10::optional<at::TensorList>& normuon_list, double normuon_beta2,
-                   double normuon_eps) {
+                    double normuon_eps, c10::string_view ns_dtype) {
   // None and [] both turn NorMuon off.
   const at::TensorList normuon_buffers = normuon_list.has_value() ? *normuon_list : at::TensorList();
   resolve_workspace_limit(workspace_limit);  // a bad limit is rejected before any work
-  const NsConfig ns = make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts);
+  const NsConfig ns =
+      make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts, ns_dtype);
   MuonStepArgs args{momentum,
                     nesterov,
                     weight_decay,
@@ -265,8 +271,9 @@ void muon_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList 
 // The bytes muon_step_ would allocate for these params (shapes and dtype only: nothing is read).
 // `normuon`: the step runs with normuon_buffers (its chunks then hold the row multipliers).
 int64_t muon_step_workspace_bytes_cuda(at::TensorList params, int64_t workspace_limit,
-                                       c10::string_view ns_algorithm, bool normuon) {
-  const NsConfig ns = make_ns_config({1.0, 0.0, 0.0}, 0.0, ns_algorithm, {});
+                                       c10::string_view ns_algorithm, bool normuon,
+                                       c10::string_view ns_dtype) {
+  const NsConfig ns = make_ns_config({1.0, 0.0, 0.0}, 0.0, ns_algorithm, {}, ns_dtype);
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].dim() == 3, "muon_step_workspace_bytes: params[", i,
                 "] must be a 3-D (batch, rows, cols) view, got shape ", params[i].sizes());
@@ -278,16 +285,17 @@ int64_t muon_step_workspace_bytes_cuda(at::TensorList params, int64_t workspace_
   mk::StepPlan plan;
   run_phase("muon_step_workspace_bytes", [&] {
     plan = mk::plan_step(k.tensors, k.buckets, element_type(params[0].scalar_type()),
-                         workspace_limit, cuda_gram_buckets(ns, k.buckets), normuon);
+                         workspace_limit, cuda_gram_buckets(ns, k.buckets), normuon,
+                         ns_type(ns));
   });
   return static_cast<int64_t>(plan.workspace_bytes);
 }
 
 at::Tensor newton_schulz_cuda(const at::Tensor& x, at::ArrayRef<double> ns_coefficients,
                               double eps, c10::string_view ns_algorithm,
-                              at::IntArrayRef gram_restarts) {
+                              at::IntArrayRef gram_restarts, c10::string_view ns_dtype) {
   const std::vector<double> coefficients(ns_coefficients.begin(), ns_coefficients.end());
-  const NsConfig ns = make_ns_config(coefficients, eps, ns_algorithm, gram_restarts);
+  const NsConfig ns = make_ns_config(coefficients, eps, ns_algorithm, gram_restarts, ns_dtype);
   const bool force_legacy = force_legacy_blas();
   TORCH_CHECK(x.is_cuda(), "newton_schulz: x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.dim() == 3, "newton_schulz: x must be a 3-D (batch, rows, cols) tensor, got shape ",
@@ -425,8 +433,9 @@ void muon_update_cuda(at::TensorList params, const at::Tensor& x, const at::Tens
 void muon_orthogonalize_cuda(const at::Tensor& x, at::IntArrayRef shapes,
                              at::ArrayRef<double> ns_coefficients, double eps,
                              c10::string_view ns_algorithm, at::IntArrayRef gram_restarts,
-                             int64_t workspace_limit) {
-  const NsConfig ns = make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts);
+                             int64_t workspace_limit, c10::string_view ns_dtype) {
+  const NsConfig ns =
+      make_ns_config(ns_coefficients.vec(), eps, ns_algorithm, gram_restarts, ns_dtype);
   const bool force_legacy = force_legacy_blas();
   const std::vector<at::Tensor> views = orthogonalize_segments(x, shapes, c10::DeviceType::CUDA);
   resolve_workspace_limit(workspace_limit);

@@ -124,10 +124,10 @@ struct Normalizer {
 };
 
 // Wide matrix (rows <= cols): X has U's layout, so element i of the chunk maps to element i.
-template <typename T, DirectionSource kSource>
+template <typename T, typename W, DirectionSource kSource>
 __device__ __forceinline__ void normalize_linear(const T* __restrict__ g,
                                                  const float* __restrict__ m,
-                                                 __nv_bfloat16* __restrict__ x, int64_t len,
+                                                 W* __restrict__ x, int64_t len,
                                                  const MomentumMath& math, const Normalizer& norm) {
   constexpr bool kHasMomentum = kSource == kMomentumSource;
   int64_t tail = 0;
@@ -137,11 +137,11 @@ __device__ __forceinline__ void normalize_linear(const T* __restrict__ g,
       const AlignedVector<T, kILP> gv = load_vector<kILP>(g + v * kILP);
       AlignedVector<float, kILP> mv{};
       if constexpr (kHasMomentum) mv = load_vector<kILP>(m + v * kILP);
-      AlignedVector<__nv_bfloat16, kILP> xv;
+      AlignedVector<W, kILP> xv;
 #pragma unroll
       for (int k = 0; k < kILP; ++k) {
         const float u = direction_of<kSource>(to_float(gv.val[k]), mv.val[k], math);
-        xv.val[k] = from_float<__nv_bfloat16>(norm(u));
+        xv.val[k] = from_float<W>(norm(u));  // fp32 quotient, then one rounding
       }
       store_vector(x + v * kILP, xv);
     }
@@ -149,7 +149,7 @@ __device__ __forceinline__ void normalize_linear(const T* __restrict__ g,
   }
   for (int64_t i = tail + threadIdx.x; i < len; i += kBlockSize) {
     const float u = direction_of<kSource>(to_float(g[i]), kHasMomentum ? m[i] : 0.f, math);
-    x[i] = from_float<__nv_bfloat16>(norm(u));
+    x[i] = from_float<W>(norm(u));
   }
 }
 
@@ -159,10 +159,10 @@ __device__ __forceinline__ void normalize_linear(const T* __restrict__ g,
 // per thread row) into tile[ty + 4k][tx], then writes X[j0 + ty + 4k][i0 + tx] =
 // tile[tx][ty + 4k] (64 consecutive elements of an X row). The +1 padding makes the column read
 // tile[tx][c] hit 32 different banks across a warp.
-template <typename T, DirectionSource kSource>
+template <typename T, typename W, DirectionSource kSource>
 __device__ __forceinline__ void normalize_tall(const T* __restrict__ g,
                                                const float* __restrict__ m,
-                                               __nv_bfloat16* __restrict__ x, int64_t rows,
+                                               W* __restrict__ x, int64_t rows,
                                                int64_t cols, int64_t piece,
                                                const MomentumMath& math, const Normalizer& norm) {
   constexpr bool kHasMomentum = kSource == kMomentumSource;
@@ -192,13 +192,13 @@ __device__ __forceinline__ void normalize_tall(const T* __restrict__ g,
       const int c = ty + k * kTileThreadRows;
       const int64_t j = j0 + c;   // row of X (a column of U), < cols = m
       const int64_t i = i0 + tx;  // column of X (a row of U), < rows = n
-      if (j < cols && i < rows) x[j * rows + i] = from_float<__nv_bfloat16>(tile[tx][c]);
+      if (j < cols && i < rows) x[j * rows + i] = from_float<W>(tile[tx][c]);
     }
     __syncthreads();  // the next tile overwrites `tile`
   }
 }
 
-template <typename T, DirectionSource kSource>
+template <typename T, typename W, DirectionSource kSource>
 __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
     normalize_kernel(const __grid_constant__ SlotTable table,
                      const __grid_constant__ DeviceScalars scalars,
@@ -225,15 +225,15 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
   const int64_t offset = matrix * numel;  // X of matrix `matrix` also starts there (m n == r c)
   const T* g = static_cast<const T*>(table.src[slot]) + offset;
   const float* m = kSource == kMomentumSource ? table.momentum[slot] + offset : nullptr;
-  __nv_bfloat16* x = table.ns_x[slot] + offset;
+  W* x = static_cast<W*>(table.ns_x[slot]) + offset;
   const MomentumMath math = make_momentum_math(scalars);
   if (!is_tall(rows, cols)) {
     const int64_t begin = piece * kElemChunk;
     const int64_t remaining = numel - begin;
-    normalize_linear<T, kSource>(g + begin, m != nullptr ? m + begin : nullptr, x + begin,
-                                 remaining < kElemChunk ? remaining : kElemChunk, math, norm);
+    normalize_linear<T, W, kSource>(g + begin, m != nullptr ? m + begin : nullptr, x + begin,
+                                    remaining < kElemChunk ? remaining : kElemChunk, math, norm);
   } else {
-    normalize_tall<T, kSource>(g, m, x, rows, cols, piece, math, norm);
+    normalize_tall<T, W, kSource>(g, m, x, rows, cols, piece, math, norm);
   }
 }
 
@@ -279,9 +279,9 @@ __device__ __forceinline__ int64_t row_of(int64_t e, int64_t cols) {
 }
 
 // Elements [begin, begin + len) of a wide matrix (p and x point at element begin).
-template <typename T, WriteBack kMode, bool kRowScale>
+template <typename T, typename W, WriteBack kMode, bool kRowScale>
 __device__ __forceinline__ void write_back_linear(T* __restrict__ p,
-                                                  const __nv_bfloat16* __restrict__ x,
+                                                  const W* __restrict__ x,
                                                   int64_t begin, int64_t len, int64_t cols,
                                                   const WriteBackMath<kMode>& op,
                                                   const RowScale<kRowScale>& rs) {
@@ -290,7 +290,7 @@ __device__ __forceinline__ void write_back_linear(T* __restrict__ p,
   if (is_aligned<kILP>(p) && is_aligned<kILP>(x)) {
     const int64_t num_vec = len / kILP;
     for (int64_t v = threadIdx.x; v < num_vec; v += kBlockSize) {
-      const AlignedVector<__nv_bfloat16, kILP> xv = load_vector<kILP>(x + v * kILP);
+      const AlignedVector<W, kILP> xv = load_vector<kILP>(x + v * kILP);
       AlignedVector<T, kILP> pv;
       if constexpr (kReadsDst) pv = load_vector<kILP>(p + v * kILP);
 #pragma unroll
@@ -313,9 +313,9 @@ __device__ __forceinline__ void write_back_linear(T* __restrict__ p,
 // Tall matrix: X is cols x rows (ld = rows). Thread (tx, ty) reads X[j0 + ty + 4k][i0 + tx]
 // into tile[ty + 4k][tx] (coalesced along an X row), then updates P[i0 + ty + 4k][j0 + tx] with
 // X[j0 + tx][i0 + ty + 4k] = tile[tx][ty + 4k] (coalesced along a P row).
-template <typename T, WriteBack kMode, bool kRowScale>
+template <typename T, typename W, WriteBack kMode, bool kRowScale>
 __device__ __forceinline__ void write_back_tall(T* __restrict__ p,
-                                                const __nv_bfloat16* __restrict__ x,
+                                                const W* __restrict__ x,
                                                 int64_t rows, int64_t cols, int64_t piece,
                                                 const WriteBackMath<kMode>& op,
                                                 const RowScale<kRowScale>& rs) {
@@ -352,7 +352,7 @@ __device__ __forceinline__ void write_back_tall(T* __restrict__ p,
   }
 }
 
-template <typename T, WriteBack kMode, bool kRowScale>
+template <typename T, typename W, WriteBack kMode, bool kRowScale>
 __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
     write_back_kernel(const __grid_constant__ SlotTable table,
                       const __grid_constant__ DeviceScalars scalars) {
@@ -371,17 +371,17 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
   }
   const int64_t offset = matrix * numel;
   T* p = static_cast<T*>(table.dst[slot]) + offset;
-  const __nv_bfloat16* x = table.ns_x[slot] + offset;
+  const W* x = static_cast<const W*>(table.ns_x[slot]) + offset;
   RowScale<kRowScale> rs{nullptr};
   if constexpr (kRowScale) rs.r = table.row_scale[slot] + matrix * normuon_row_stride(rows, cols);
   if (!is_tall(rows, cols)) {
     const int64_t begin = piece * kElemChunk;
     const int64_t remaining = numel - begin;
-    write_back_linear<T, kMode, kRowScale>(p + begin, x + begin, begin,
-                                           remaining < kElemChunk ? remaining : kElemChunk, cols,
-                                           op, rs);
+    write_back_linear<T, W, kMode, kRowScale>(p + begin, x + begin, begin,
+                                              remaining < kElemChunk ? remaining : kElemChunk,
+                                              cols, op, rs);
   } else {
-    write_back_tall<T, kMode, kRowScale>(p, x, rows, cols, piece, op, rs);
+    write_back_tall<T, W, kMode, kRowScale>(p, x, rows, cols, piece, op, rs);
   }
 }
 
@@ -403,9 +403,10 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
 // Phase 4 scales row i of the update by r_i. All sums are fp32 in a fixed order (no atomics) and
 // per matrix, so the result is deterministic and does not depend on the chunking. The CPU step
 // (normuon_pass in csrc/cpu/muon_step_cpu.cpp) sums in double: the two agree to fp32 rounding,
-// far below the bf16 error of O itself. A device found_inf != 0 returns before any write, so v
-// keeps its value (and phase 4 returns too).
+// far below the bf16 or fp16 error of O itself. A device found_inf != 0 returns before any
+// write, so v keeps its value (and phase 4 returns too).
 
+template <typename W>
 __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
     normuon_row_sums_kernel(const __grid_constant__ NorMuonTable table,
                             const __grid_constant__ DeviceScalars scalars) {
@@ -413,14 +414,14 @@ __global__ void __launch_bounds__(kBlockSize, kMinBlocksPerSm)
   const BlockPlace at = locate_block(table, Geometry::kRowSums);
   const int slot = at.slot;
   const int64_t rows = at.rows, cols = at.cols;
-  const __nv_bfloat16* x = table.ns_x[slot] + at.matrix * at.numel;
+  const W* x = static_cast<const W*>(table.ns_x[slot]) + at.matrix * at.numel;
   float* q = table.row[slot] + at.matrix * normuon_row_stride(rows, cols);
   if (!is_tall(rows, cols)) {
     // X is rows x cols (ld = cols): warp w of the block sums row piece * warps + w.
     const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
     const int64_t i = at.piece * kWarpsPerBlock + static_cast<int>(threadIdx.x) / kWarpSize;
     if (i >= rows) return;  // uniform over the warp, and no block-wide barrier follows
-    const __nv_bfloat16* xi = x + i * cols;
+    const W* xi = x + i * cols;
     float acc = 0.f;
     for (int64_t j = lane; j < cols; j += kWarpSize) {
       const float o = to_float(xi[j]);
@@ -570,6 +571,20 @@ void dispatch_element_type(ElementType type, F&& f) {
   throw std::invalid_argument("muon_ext: unsupported element type");
 }
 
+// Calls f(W{}) with W the CUDA element type of the Newton-Schulz workspace.
+template <typename F>
+void dispatch_ns_type(NsType type, F&& f) {
+  switch (type) {
+    case NsType::kBFloat16:
+      f(__nv_bfloat16{});
+      return;
+    case NsType::kFloat16:
+      f(__half{});
+      return;
+  }
+  throw std::invalid_argument("muon_ext: unsupported Newton-Schulz element type");
+}
+
 // Which pointers a phase dereferences; a null one is a caller bug, reported before any launch.
 struct Needs {
   bool src;
@@ -622,28 +637,31 @@ void launch_norm_partials(const std::vector<MatrixTensor>& tensors, ElementType 
 
 void launch_normalize(const std::vector<MatrixTensor>& tensors, ElementType type,
                       DirectionSource source, const StepScalars& scalars, const float* partials,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, NsType ns_type) {
   using namespace detail;
   const bool momentum = source == DirectionSource::kMomentum;
   check_tensors(tensors, Needs{true, momentum, true, false});
   const DeviceScalars ds = to_device_scalars(scalars);
   dispatch_element_type(type, [&](auto tag) {
     using T = decltype(tag);
-    for_each_launch(tensors, Geometry::kWalk, [&](const SlotTable& table, int64_t blocks) {
-      if (source == DirectionSource::kMomentum) {
-        launch_kernel(normalize_kernel<T, DirectionSource::kMomentum>, blocks, stream, table, ds,
-                      partials);
-      } else {
-        launch_kernel(normalize_kernel<T, DirectionSource::kInput>, blocks, stream, table, ds,
-                      partials);
-      }
-      check_launch("normalize_kernel");
+    dispatch_ns_type(ns_type, [&](auto ns_tag) {
+      using W = decltype(ns_tag);
+      for_each_launch(tensors, Geometry::kWalk, [&](const SlotTable& table, int64_t blocks) {
+        if (source == DirectionSource::kMomentum) {
+          launch_kernel(normalize_kernel<T, W, DirectionSource::kMomentum>, blocks, stream, table,
+                        ds, partials);
+        } else {
+          launch_kernel(normalize_kernel<T, W, DirectionSource::kInput>, blocks, stream, table,
+                        ds, partials);
+        }
+        check_launch("normalize_kernel");
+      });
     });
   });
 }
 
 void launch_normuon(const std::vector<MatrixTensor>& tensors, const StepScalars& scalars,
-                    cudaStream_t stream) {
+                    cudaStream_t stream, NsType ns_type) {
   using namespace detail;
   check_tensors(tensors, Needs{false, false, true, false, true});
   const DeviceScalars ds = to_device_scalars(scalars);
@@ -653,11 +671,15 @@ void launch_normuon(const std::vector<MatrixTensor>& tensors, const StepScalars&
     table.row[s] = t.normuon_row;
   };
   // Every row sum is written before any multiplier is computed: the launches are in stream order.
-  for_each_table<NorMuonTable>(tensors, Geometry::kRowSums, fill,
-                               [&](const NorMuonTable& table, int64_t blocks) {
-                                 launch_kernel(normuon_row_sums_kernel, blocks, stream, table, ds);
-                                 check_launch("normuon_row_sums_kernel");
-                               });
+  dispatch_ns_type(ns_type, [&](auto ns_tag) {
+    using W = decltype(ns_tag);
+    for_each_table<NorMuonTable>(tensors, Geometry::kRowSums, fill,
+                                 [&](const NorMuonTable& table, int64_t blocks) {
+                                   launch_kernel(normuon_row_sums_kernel<W>, blocks, stream, table,
+                                                 ds);
+                                   check_launch("normuon_row_sums_kernel");
+                                 });
+  });
   for_each_table<NorMuonTable>(tensors, Geometry::kMatrix, fill,
                                [&](const NorMuonTable& table, int64_t blocks) {
                                  launch_kernel(normuon_scale_kernel, blocks, stream, table, ds);
@@ -666,7 +688,7 @@ void launch_normuon(const std::vector<MatrixTensor>& tensors, const StepScalars&
 }
 
 void launch_write_back(const std::vector<MatrixTensor>& tensors, ElementType type, WriteBack mode,
-                       const StepScalars& scalars, cudaStream_t stream) {
+                       const StepScalars& scalars, cudaStream_t stream, NsType ns_type) {
   using namespace detail;
   check_tensors(tensors, Needs{false, false, true, true});
   // Row multipliers (NorMuon): all tensors or none, and only for the update.
@@ -685,17 +707,21 @@ void launch_write_back(const std::vector<MatrixTensor>& tensors, ElementType typ
   const DeviceScalars ds = to_device_scalars(scalars);
   dispatch_element_type(type, [&](auto tag) {
     using T = decltype(tag);
-    for_each_launch(tensors, Geometry::kWalk, [&](const SlotTable& table, int64_t blocks) {
-      if (row_scale) {
-        launch_kernel(write_back_kernel<T, WriteBack::kApplyUpdate, true>, blocks, stream, table,
-                      ds);
-      } else if (mode == WriteBack::kApplyUpdate) {
-        launch_kernel(write_back_kernel<T, WriteBack::kApplyUpdate, false>, blocks, stream, table,
-                      ds);
-      } else {
-        launch_kernel(write_back_kernel<T, WriteBack::kCopy, false>, blocks, stream, table, ds);
-      }
-      check_launch("write_back_kernel");
+    dispatch_ns_type(ns_type, [&](auto ns_tag) {
+      using W = decltype(ns_tag);
+      for_each_launch(tensors, Geometry::kWalk, [&](const SlotTable& table, int64_t blocks) {
+        if (row_scale) {
+          launch_kernel(write_back_kernel<T, W, WriteBack::kApplyUpdate, true>, blocks, stream,
+                        table, ds);
+        } else if (mode == WriteBack::kApplyUpdate) {
+          launch_kernel(write_back_kernel<T, W, WriteBack::kApplyUpdate, false>, blocks, stream,
+                        table, ds);
+        } else {
+          launch_kernel(write_back_kernel<T, W, WriteBack::kCopy, false>, blocks, stream, table,
+                        ds);
+        }
+        check_launch("write_back_kernel");
+      });
     });
   });
 }

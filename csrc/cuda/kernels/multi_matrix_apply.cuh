@@ -107,7 +107,7 @@ struct SlotTable {
   const void* src[kMaxSlots];       // grads / input
   float* momentum[kMaxSlots];       // nullptr for DirectionSource::kInput
   void* dst[kMaxSlots];             // params / output
-  __nv_bfloat16* ns_x[kMaxSlots];   // bucket workspace, first matrix of the tensor
+  void* ns_x[kMaxSlots];            // bucket workspace (NsType), first matrix of the tensor
   int64_t rows[kMaxSlots];
   int64_t cols[kMaxSlots];
   int64_t partial_offset[kMaxSlots];  // index of the tensor's first phase-1 partial
@@ -121,7 +121,7 @@ struct SlotTable {
 
 // Per-launch metadata of the NorMuon kernels (by value, like SlotTable).
 struct NorMuonTable {
-  const __nv_bfloat16* ns_x[kMaxSlots];  // Newton-Schulz result, first matrix of the tensor
+  const void* ns_x[kMaxSlots];           // Newton-Schulz result (NsType), first matrix
   float* v[kMaxSlots];                   // second moment, `rows` floats per matrix
   float* row[kMaxSlots];                 // workspace: q, then s, then f s (row stride per matrix)
   int64_t rows[kMaxSlots];

@@ -8,8 +8,10 @@
 //
 // A step is four phases, each a handful of launches on one stream, in this order:
 //   1. launch_norm_partials   momentum + Nesterov, per-chunk partial sums of U^2 (fp32)
-//   2. launch_normalize       X = bf16(U / max(||U||_F, eps)) into the bucket workspace,
-//                             transposed for tall matrices so every bucket is m x n with m <= n
+//   2. launch_normalize       X = cast(U / max(||U||_F, eps)) into the bucket workspace (the
+//                             quotient in fp32, then one rounding to the workspace type, bf16 or
+//                             fp16: NsType), transposed for tall matrices so every bucket is
+//                             m x n with m <= n
 //   3. newton_schulz_batched  per bucket, 3 strided-batched GEMMs per (a, b, c) iteration
 //      launch_normuon         NorMuon only: per-row second moment and row multipliers r_i
 //   4. launch_write_back      P = P (1 - lr wd) - lr scale r_i X (r_i = 1 without NorMuon; a
@@ -33,6 +35,12 @@ namespace cuda {
 // Element type of params / grads (muon_step_) or of the input / output (newton_schulz).
 enum class ElementType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// Element type of the Newton-Schulz workspace (X, A/B, the Gram R/Z/Q/T): the GEMM operands.
+// Both are 2 bytes, so the workspace layout does not depend on it. Phase 2 normalizes in fp32
+// and then casts, so a loss-scaled U (|U| ~ 65536 x the gradient) never meets fp16's range.
+enum class NsType : int32_t { kBFloat16 = 0, kFloat16 = 1 };
+constexpr size_t kNsElementBytes = 2;  // bytes of one workspace element, either type
+
 // Where the direction U of phases 1-2 comes from.
 enum class DirectionSource : int32_t {
   kMomentum = 0,  // muon_step_: M = lerp(M, G / grad_scale, 1 - momentum); U = Nesterov(G', M) or M
@@ -51,7 +59,7 @@ struct MatrixTensor {
   const void* src = nullptr;      // grads (muon_step_; never written) or x (newton_schulz)
   float* momentum = nullptr;      // fp32 momentum buffer (muon_step_), nullptr for newton_schulz
   void* dst = nullptr;            // params (muon_step_; read, written) or the output
-  __nv_bfloat16* ns_x = nullptr;  // first matrix of this tensor in its bucket's X buffer (m x n)
+  void* ns_x = nullptr;  // first matrix of this tensor in its bucket's X buffer (m x n, NsType)
   int64_t batch = 0;
   int64_t rows = 0;
   int64_t cols = 0;
@@ -103,10 +111,11 @@ struct ShapeBucket {
 // matrix. Layout of the workspace for one chunk (regions 256-byte aligned, cuBLASLt's default
 // operand alignment; the allocation is the largest chunk's layout):
 //   partials  float[num_partials]     phase 1 -> phase 2, one per kNormChunk of a matrix
-//   X0, X1    bf16[count * m * n]     ping-pong Newton-Schulz iterates
-//   gram      bf16[count * m * m]     A = X Xᵀ (Gram NS: R)
-//   poly      bf16[count * m * m]     B = b A + c A A (Gram NS: Z)
-//   q0, q1, t bf16[count * m * m]     Gram NS only: the ping-pong Q and T
+//   X0, X1    w[count * m * n]        ping-pong Newton-Schulz iterates
+//   gram      w[count * m * m]        A = X Xᵀ (Gram NS: R)
+//   poly      w[count * m * m]        B = b A + c A A (Gram NS: Z)
+//   q0, q1, t w[count * m * m]        Gram NS only: the ping-pong Q and T
+// (w: the step's NsType, bf16 or fp16, 2 bytes either way)
 //   row       float[count * n]        NorMuon only: per matrix, its row sums of squares q_i, then
 //                                     s_i, then the row multipliers f s_i, in place (a matrix
 //                                     has m or n rows depending on its orientation: n per matrix)
@@ -117,6 +126,7 @@ struct StepChunk {
   int64_t n = 0;
   int64_t count = 0;                 // matrices in the chunk
   bool gram = false;                  // Gram Newton-Schulz (NOTE: [Gram on CUDA]) for this bucket
+  NsType ns_type = NsType::kBFloat16;  // element type of X and the m x m buffers
   std::vector<MatrixTensor> tensors;  // the chunk's slices of the caller's tensors, bucket order
   int64_t num_partials = 0;
   size_t x_offset[2] = {0, 0};
@@ -134,14 +144,16 @@ struct StepPlan {
   size_t workspace_bytes = 0;  // max over chunks of StepChunk::bytes: the one allocation
 };
 
-// Buffers of one bucket's Newton-Schulz iterations (all bf16, contiguous strided batches).
+// Buffers of one bucket's Newton-Schulz iterations (all of element type `type`, contiguous
+// strided batches).
 struct NsBuffers {
-  __nv_bfloat16* x[2] = {nullptr, nullptr};  // num_matrices * m * n each; x[0] holds the input
-  __nv_bfloat16* gram = nullptr;             // num_matrices * m * m: A = X Xᵀ (Gram: R)
-  __nv_bfloat16* poly = nullptr;             // num_matrices * m * m: B = b A + c A A (Gram: Z)
+  NsType type = NsType::kBFloat16;
+  void* x[2] = {nullptr, nullptr};  // num_matrices * m * n each; x[0] holds the input
+  void* gram = nullptr;             // num_matrices * m * m: A = X Xᵀ (Gram: R)
+  void* poly = nullptr;             // num_matrices * m * m: B = b A + c A A (Gram: Z)
   // Gram Newton-Schulz only (num_matrices * m * m each): the ping-pong Q and T = RZ + aR.
-  __nv_bfloat16* q[2] = {nullptr, nullptr};
-  __nv_bfloat16* t = nullptr;
+  void* q[2] = {nullptr, nullptr};
+  void* t = nullptr;
 };
 
 // BLAS context of phase 3. `lt` and `lt_workspace` drive the cuBLASLt path; `legacy` is the
@@ -166,11 +178,12 @@ int64_t count_norm_partials(const std::vector<MatrixTensor>& tensors);
 // std::invalid_argument when a tensor does not match its bucket's (m, n) or the limit is bad.
 // `gram[k]`: bucket k runs Gram Newton-Schulz (empty: none does). `normuon`: every chunk gets
 // the NorMuon region and runs launch_normuon (then every non-empty tensor needs normuon_v; a
-// tensor with normuon_v and normuon == false is refused).
+// tensor with normuon_v and normuon == false is refused). `ns_type`: the workspace's element
+// type (every chunk's; the byte counts are the same for both).
 StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
                    const std::vector<ShapeBucket>& buckets, ElementType type,
                    int64_t workspace_limit, const std::vector<bool>& gram = {},
-                   bool normuon = false);
+                   bool normuon = false, NsType ns_type = NsType::kBFloat16);
 
 // The buffers of one chunk in a workspace laid out by plan_step; binds every slice's ns_x to its
 // first matrix in X buffer `which` (0 or 1), and with NorMuon its normuon_row to its first
@@ -188,7 +201,8 @@ struct NsGemmPlan {
   std::shared_ptr<const LtGemm> update;
 };
 
-// Builds (or finds in the cache) the GEMM plans for `batch` m x n matrices in `buffers`, with
+// Builds (or finds in the cache) the GEMM plans for `batch` m x n matrices in `buffers` (of
+// element type buffers.type, part of the cache key), with
 // the algorithms the heuristic picks for `heuristic_batch` matrices when cuBLASLt accepts them
 // at `batch` (the step passes the bucket's matrix count, so that every chunking of a bucket runs
 // the same algorithm; < 1 means `batch`). Throws std::runtime_error on a cuBLASLt failure: call
@@ -221,10 +235,11 @@ void launch_norm_partials(const std::vector<MatrixTensor>& tensors, ElementType 
                           DirectionSource source, const StepScalars& scalars, float* partials,
                           cudaStream_t stream);
 
-// Phase 2: writes every tensor's ns_x (which must point into X buffer 0 of its bucket).
+// Phase 2: writes every tensor's ns_x (which must point into X buffer 0 of its bucket), of
+// element type ns_type: the quotient U / max(||U||, eps) in fp32, then one rounding.
 void launch_normalize(const std::vector<MatrixTensor>& tensors, ElementType type,
                       DirectionSource source, const StepScalars& scalars, const float* partials,
-                      cudaStream_t stream);
+                      cudaStream_t stream, NsType ns_type = NsType::kBFloat16);
 
 // Phase 3: runs num_coefficients / 3 iterations on `batch` m x n matrices starting in
 // buffers.x[0]; returns the index (0 or 1) of the buffer holding the result, i.e.
@@ -252,13 +267,15 @@ int gram_newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double
 // found_inf != 0 changes nothing (v included). Every non-empty tensor needs ns_x, normuon_v and
 // normuon_row.
 void launch_normuon(const std::vector<MatrixTensor>& tensors, const StepScalars& scalars,
-                    cudaStream_t stream);
+                    cudaStream_t stream, NsType ns_type = NsType::kBFloat16);
 
 // Phase 4: reads every tensor's ns_x (which must point at the buffer newton_schulz_batched
 // returned) with the transposition undone, and writes dst. A tensor with normuon_row (kApplyUpdate
 // only) has row i of its update scaled by normuon_row[i]: P = P (1 - lr wd) - lr scale (r_i X).
+// ns_x is read as ns_type.
 void launch_write_back(const std::vector<MatrixTensor>& tensors, ElementType type, WriteBack mode,
-                       const StepScalars& scalars, cudaStream_t stream);
+                       const StepScalars& scalars, cudaStream_t stream,
+                       NsType ns_type = NsType::kBFloat16);
 
 }  // namespace cuda
 }  // namespace muon_ext

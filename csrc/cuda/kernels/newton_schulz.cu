@@ -31,14 +31,17 @@
 // to cublasGemmStridedBatchedEx preceded by one cudaMemcpyAsync of C into D.
 //
 // NOTE: [Accumulation]
-// bf16 A/B/C/D, CUBLAS_COMPUTE_32F, fp32 alpha/beta (host pointers). Split-K is restricted to
-// CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE (INPLACE and OUTPUT_TYPE sum split-K partials in bf16),
+// A/B/C/D all of the workspace type (NsType: CUDA_R_16BF or CUDA_R_16F, NOTE: [Newton-Schulz
+// dtype] in csrc/muon_step_args.h), CUBLAS_COMPUTE_32F, fp32 alpha/beta (host pointers). Split-K
+// is restricted to CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE (INPLACE and OUTPUT_TYPE sum split-K
+// partials in the 16-bit output type),
 // and the legacy fallback sets CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION for the same
 // reason. Heuristic results depend only on shapes, alignments, workspace size and device, so the
 // algorithm (and the bits) are the same on every rerun.
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -59,7 +62,15 @@ namespace muon_ext {
 namespace cuda {
 namespace {
 
-using bf16 = __nv_bfloat16;
+cudaDataType_t blas_type(NsType type) {
+  switch (type) {
+    case NsType::kBFloat16:
+      return CUDA_R_16BF;
+    case NsType::kFloat16:
+      return CUDA_R_16F;
+  }
+  throw std::invalid_argument("muon_ext newton_schulz: unsupported workspace element type");
+}
 
 std::string cublas_status_text(cublasStatus_t status) {
   return std::string(cublasGetStatusName(status)) + " (" + cublasGetStatusString(status) + ")";
@@ -96,6 +107,7 @@ namespace {
 
 // One strided-batched GEMM in column-major terms: D = alpha op(A) op(B) + beta C, D is M x N,
 // the reduction dimension is K. ld_d == ld_c and stride_d == stride_c (D and C share a layout).
+// Every operand has element type `type` (CUDA_R_16BF or CUDA_R_16F).
 struct GemmShape {
   cublasOperation_t trans_a;
   cublasOperation_t trans_b;
@@ -109,6 +121,7 @@ struct GemmShape {
   int64_t stride_b;
   int64_t stride_c;
   int64_t batch;
+  cudaDataType_t type;
 
   // Dimensions of A and B as stored (before op), as cuBLASLt layouts describe them.
   int64_t a_rows() const { return trans_a == CUBLAS_OP_N ? M : K; }
@@ -127,15 +140,16 @@ uint32_t alignment_of(uint64_t v) {
 // Alignment every batch of an operand is guaranteed: its base pointers, its columns (ld) and
 // its batch stride, in bytes.
 uint32_t operand_alignment(std::initializer_list<const void*> bases, int64_t ld, int64_t stride) {
-  uint32_t a = std::min(alignment_of(static_cast<uint64_t>(ld) * sizeof(bf16)),
-                        alignment_of(static_cast<uint64_t>(stride) * sizeof(bf16)));
+  uint32_t a = std::min(alignment_of(static_cast<uint64_t>(ld) * kNsElementBytes),
+                        alignment_of(static_cast<uint64_t>(stride) * kNsElementBytes));
   for (const void* p : bases) a = std::min(a, alignment_of(reinterpret_cast<uintptr_t>(p)));
   return a;
 }
 
-LtLayout make_layout(int64_t rows, int64_t cols, int64_t ld, int64_t batch, int64_t stride) {
+LtLayout make_layout(cudaDataType_t type, int64_t rows, int64_t cols, int64_t ld, int64_t batch,
+                     int64_t stride) {
   cublasLtMatrixLayout_t raw = nullptr;
-  check_cublas(cublasLtMatrixLayoutCreate(&raw, CUDA_R_16BF, static_cast<uint64_t>(rows),
+  check_cublas(cublasLtMatrixLayoutCreate(&raw, type, static_cast<uint64_t>(rows),
                                           static_cast<uint64_t>(cols), ld),
                "cublasLtMatrixLayoutCreate");
   LtLayout layout(raw);
@@ -171,9 +185,9 @@ class LtGemm {
     check_cublas(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &trans_b,
                                                 sizeof(trans_b)),
                  "cublasLtMatmulDescSetAttribute(TRANSB)");
-    a_ = make_layout(s.a_rows(), s.a_cols(), s.ld_a, s.batch, s.stride_a);
-    b_ = make_layout(s.b_rows(), s.b_cols(), s.ld_b, s.batch, s.stride_b);
-    c_ = make_layout(s.M, s.N, s.ld_c, s.batch, s.stride_c);
+    a_ = make_layout(s.type, s.a_rows(), s.a_cols(), s.ld_a, s.batch, s.stride_a);
+    b_ = make_layout(s.type, s.b_rows(), s.b_cols(), s.ld_b, s.batch, s.stride_b);
+    c_ = make_layout(s.type, s.M, s.N, s.ld_c, s.batch, s.stride_c);
 
     cublasLtMatmulPreference_t raw_pref = nullptr;
     check_cublas(cublasLtMatmulPreferenceCreate(&raw_pref), "cublasLtMatmulPreferenceCreate");
@@ -209,9 +223,11 @@ class LtGemm {
     if (heuristic_batch != s.batch && heuristic_batch >= 1) {
       GemmShape q = s;
       q.batch = heuristic_batch;
-      const LtLayout qa = make_layout(q.a_rows(), q.a_cols(), q.ld_a, q.batch, q.stride_a);
-      const LtLayout qb = make_layout(q.b_rows(), q.b_cols(), q.ld_b, q.batch, q.stride_b);
-      const LtLayout qc = make_layout(q.M, q.N, q.ld_c, q.batch, q.stride_c);
+      const LtLayout qa =
+          make_layout(q.type, q.a_rows(), q.a_cols(), q.ld_a, q.batch, q.stride_a);
+      const LtLayout qb =
+          make_layout(q.type, q.b_rows(), q.b_cols(), q.ld_b, q.batch, q.stride_b);
+      const LtLayout qc = make_layout(q.type, q.M, q.N, q.ld_c, q.batch, q.stride_c);
       status = cublasLtMatmulAlgoGetHeuristic(blas.lt, desc, qa.get(), qb.get(), qc.get(),
                                               qc.get(), raw_pref, 1, &result, &returned);
       if (status == CUBLAS_STATUS_SUCCESS && returned >= 1 &&
@@ -239,7 +255,7 @@ class LtGemm {
 
   bool ok() const { return ok_; }
 
-  void run(const BlasContext& blas, const bf16* A, const bf16* B, const bf16* C, bf16* D,
+  void run(const BlasContext& blas, const void* A, const void* B, const void* C, void* D,
            float alpha, float beta, cudaStream_t stream) const {
     check_cublas(cublasLtMatmul(blas.lt, desc_.get(), &alpha, A, a_.get(), B, b_.get(), &beta, C,
                                 c_.get(), D, c_.get(), &algo_, blas.lt_workspace,
@@ -294,8 +310,8 @@ class LegacyModeGuard {
 
 // The fallback (see NOTE: [Why cuBLASLt]): legacy cuBLAS accumulates into its output, so D
 // starts as a copy of C. Our C/D buffers are contiguous batches (stride_c == ld_c * N).
-void legacy_gemm(const BlasContext& blas, const GemmShape& s, const bf16* A, const bf16* B,
-                 const bf16* C, bf16* D, float alpha, float beta, cudaStream_t stream) {
+void legacy_gemm(const BlasContext& blas, const GemmShape& s, const void* A, const void* B,
+                 const void* C, void* D, float alpha, float beta, cudaStream_t stream) {
   if (blas.legacy == nullptr) {
     throw std::runtime_error(
         "muon_ext newton_schulz: cuBLASLt has no algorithm for this GEMM and no cuBLAS handle "
@@ -303,7 +319,7 @@ void legacy_gemm(const BlasContext& blas, const GemmShape& s, const bf16* A, con
   }
   if (C != D && beta != 0.f) {
     const size_t bytes = static_cast<size_t>(s.batch) * static_cast<size_t>(s.stride_c) *
-                         sizeof(bf16);
+                         kNsElementBytes;
     check_cuda(cudaMemcpyAsync(D, C, bytes, cudaMemcpyDeviceToDevice, stream),
                "cudaMemcpyAsync (legacy GEMM addend)");
   }
@@ -314,8 +330,8 @@ void legacy_gemm(const BlasContext& blas, const GemmShape& s, const bf16* A, con
   check_cublas(
       cublasGemmStridedBatchedEx(
           blas.legacy, s.trans_a, s.trans_b, checked_int(s.M, "M"), checked_int(s.N, "N"),
-          checked_int(s.K, "K"), &alpha, A, CUDA_R_16BF, checked_int(s.ld_a, "lda"), s.stride_a,
-          B, CUDA_R_16BF, checked_int(s.ld_b, "ldb"), s.stride_b, &beta, D, CUDA_R_16BF,
+          checked_int(s.K, "K"), &alpha, A, s.type, checked_int(s.ld_a, "lda"), s.stride_a,
+          B, s.type, checked_int(s.ld_b, "ldb"), s.stride_b, &beta, D, s.type,
           checked_int(s.ld_c, "ldc"), s.stride_c, checked_int(s.batch, "batch"),
           CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
       "cublasGemmStridedBatchedEx");
@@ -327,24 +343,26 @@ struct IterationShapes {
   GemmShape gram, poly, update;
 };
 
-IterationShapes iteration_shapes(int64_t batch, int64_t m, int64_t n) {
+IterationShapes iteration_shapes(int64_t batch, int64_t m, int64_t n, NsType ns_type) {
   const int64_t mn = m * n;
   const int64_t mm = m * m;
+  const cudaDataType_t t = blas_type(ns_type);
   return IterationShapes{
       GemmShape{CUBLAS_OP_T, CUBLAS_OP_N, /*M=*/m, /*N=*/m, /*K=*/n, /*ld_a=*/n, /*ld_b=*/n,
-                /*ld_c=*/m, /*stride_a=*/mn, /*stride_b=*/mn, /*stride_c=*/mm, batch},
+                /*ld_c=*/m, /*stride_a=*/mn, /*stride_b=*/mn, /*stride_c=*/mm, batch, t},
       GemmShape{CUBLAS_OP_N, CUBLAS_OP_N, /*M=*/m, /*N=*/m, /*K=*/m, /*ld_a=*/m, /*ld_b=*/m,
-                /*ld_c=*/m, /*stride_a=*/mm, /*stride_b=*/mm, /*stride_c=*/mm, batch},
+                /*ld_c=*/m, /*stride_a=*/mm, /*stride_b=*/mm, /*stride_c=*/mm, batch, t},
       GemmShape{CUBLAS_OP_N, CUBLAS_OP_N, /*M=*/n, /*N=*/m, /*K=*/m, /*ld_a=*/n, /*ld_b=*/m,
-                /*ld_c=*/n, /*stride_a=*/mn, /*stride_b=*/mm, /*stride_c=*/mn, batch}};
+                /*ld_c=*/n, /*stride_a=*/mn, /*stride_b=*/mm, /*stride_c=*/mn, batch, t}};
 }
 
 // Grid of the elementwise Gram kernel: a grid-stride loop over at most this many blocks.
 constexpr int64_t kIdentityGridBlocks = 1024;
 
 // NOTE: [GEMM plan cache]
-// The heuristic's answer depends only on the handle (hence the device), the GEMM's shape and
-// batch, the operands' alignments and the workspace size, so it is cached under exactly that key:
+// The heuristic's answer depends only on the handle (hence the device), the GEMM's shape, batch
+// and element type (bf16 or fp16), the operands' alignments and the workspace size, so it is
+// cached under exactly that key:
 // a training loop queries the heuristic on its first step and never again. Entries are
 // immutable and shared; the cache is bounded (cleared past kMaxCachedGemms entries, a safety
 // net for shape-changing workloads: live plans keep their entries alive).
@@ -368,7 +386,8 @@ std::shared_ptr<const LtGemm> cached_gemm(const BlasContext& blas, const GemmSha
   const std::vector<int64_t> key{
       static_cast<int64_t>(reinterpret_cast<uintptr_t>(blas.lt)), static_cast<int64_t>(workspace),
       s.trans_a, s.trans_b, s.M, s.N, s.K, s.ld_a, s.ld_b, s.ld_c, s.stride_a, s.stride_b,
-      s.stride_c, s.batch, heuristic_batch, align_a, align_b, align_c, align_d};
+      s.stride_c, s.batch, static_cast<int64_t>(s.type), heuristic_batch, align_a, align_b,
+      align_c, align_d};
   GemmCache& cache = gemm_cache();
   {
     std::lock_guard<std::mutex> lock(cache.mutex);
@@ -385,8 +404,8 @@ std::shared_ptr<const LtGemm> cached_gemm(const BlasContext& blas, const GemmSha
 }
 
 // One GEMM through its cuBLASLt plan, or the legacy fallback when there is none.
-void run_gemm(const BlasContext& blas, const LtGemm* lt, const GemmShape& s, const bf16* A,
-              const bf16* B, const bf16* C, bf16* D, float alpha, float beta,
+void run_gemm(const BlasContext& blas, const LtGemm* lt, const GemmShape& s, const void* A,
+              const void* B, const void* C, void* D, float alpha, float beta,
               cudaStream_t stream) {
   if (lt != nullptr && lt->ok()) {
     lt->run(blas, A, B, C, D, alpha, beta, stream);
@@ -395,27 +414,36 @@ void run_gemm(const BlasContext& blas, const LtGemm* lt, const GemmShape& s, con
   }
 }
 
-// dst = src + a I for a batch of row-major m x m matrices: in fp32, rounded to bf16 once. This
+// dst = src + a I for a batch of row-major m x m matrices of the workspace type W (bf16 or
+// fp16): in fp32, rounded to W once. This
 // is what the GEMM Q Z + a Q gives for Q = I (fp32 accumulation, one rounding), without the
 // GEMM; it is not the unstable "a I folded into a half-precision Z" (NOTE: [Gram on CUDA]).
+template <typename W>
 __global__ void __launch_bounds__(detail::kBlockSize)
-    add_scaled_identity_kernel(bf16* __restrict__ dst, const bf16* __restrict__ src,
+    add_scaled_identity_kernel(W* __restrict__ dst, const W* __restrict__ src,
                                int64_t total, int64_t m, float a) {
   const int64_t stride = static_cast<int64_t>(detail::kBlockSize) * kIdentityGridBlocks;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * detail::kBlockSize + threadIdx.x;
        i < total; i += stride) {
     const int64_t within = i % (m * m);
     const float v = detail::to_float(src[i]) + (within / m == within % m ? a : 0.f);
-    dst[i] = detail::from_float<bf16>(v);
+    dst[i] = detail::from_float<W>(v);
   }
 }
 
-void launch_add_scaled_identity(bf16* dst, const bf16* src, int64_t batch, int64_t m, float a,
-                                cudaStream_t stream) {
+void launch_add_scaled_identity(NsType type, void* dst, const void* src, int64_t batch,
+                                int64_t m, float a, cudaStream_t stream) {
   const int64_t total = batch * m * m;
   const int64_t blocks =
       std::min<int64_t>(kIdentityGridBlocks, detail::ceil_div(total, detail::kBlockSize));
-  detail::launch_kernel(add_scaled_identity_kernel, blocks, stream, dst, src, total, m, a);
+  if (type == NsType::kFloat16) {
+    detail::launch_kernel(add_scaled_identity_kernel<__half>, blocks, stream,
+                          static_cast<__half*>(dst), static_cast<const __half*>(src), total, m, a);
+  } else {
+    detail::launch_kernel(add_scaled_identity_kernel<__nv_bfloat16>, blocks, stream,
+                          static_cast<__nv_bfloat16*>(dst),
+                          static_cast<const __nv_bfloat16*>(src), total, m, a);
+  }
   check_cuda(cudaGetLastError(), "add_scaled_identity_kernel launch");
 }
 
@@ -438,7 +466,7 @@ NsGemmPlan plan_newton_schulz(int64_t batch, int64_t m, int64_t n, const NsBuffe
   if (blas.lt == nullptr && blas.legacy == nullptr) {
     throw std::invalid_argument("muon_ext newton_schulz: no cuBLASLt or cuBLAS handle");
   }
-  const IterationShapes s = iteration_shapes(batch, m, n);
+  const IterationShapes s = iteration_shapes(batch, m, n, buffers.type);
   // A GEMM without a cuBLASLt algorithm takes legacy cuBLAS, whose API is 32-bit.
   auto require_legacy = [&](const GemmShape& g) {
     if (blas.legacy == nullptr) {
@@ -488,7 +516,7 @@ int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coe
     throw std::invalid_argument("muon_ext newton_schulz: no cuBLASLt or cuBLAS handle");
   }
 
-  const IterationShapes shapes = iteration_shapes(batch, m, n);
+  const IterationShapes shapes = iteration_shapes(batch, m, n, buffers.type);
   const GemmShape& gram_shape = shapes.gram;
   const GemmShape& poly_shape = shapes.poly;
   const GemmShape& update_shape = shapes.update;
@@ -496,8 +524,8 @@ int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coe
   const LtGemm* gram_gemm = gemms.gram.get();
   const LtGemm* poly_gemm = gemms.poly.get();
   const LtGemm* update_gemm = gemms.update.get();
-  auto gemm = [&](const LtGemm* lt, const GemmShape& s, const bf16* A, const bf16* B,
-                  const bf16* C, bf16* D, float alpha, float beta) {
+  auto gemm = [&](const LtGemm* lt, const GemmShape& s, const void* A, const void* B,
+                  const void* C, void* D, float alpha, float beta) {
     run_gemm(blas, lt, s, A, B, C, D, alpha, beta, stream);
   };
 
@@ -506,8 +534,8 @@ int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coe
     const float a = static_cast<float>(coefficients[3 * it + 0]);
     const float b = static_cast<float>(coefficients[3 * it + 1]);
     const float c = static_cast<float>(coefficients[3 * it + 2]);
-    bf16* x = buffers.x[cur];
-    bf16* x_next = buffers.x[1 - cur];
+    void* x = buffers.x[cur];
+    void* x_next = buffers.x[1 - cur];
     // A = X Xᵀ
     gemm(gram_gemm, gram_shape, x, x, buffers.gram, buffers.gram, 1.f, 0.f);
     // B = c A A + b A
@@ -522,7 +550,8 @@ int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coe
 
 // NOTE: [Gram on CUDA]
 // Gram Newton-Schulz (NOTE: [Newton-Schulz algorithm] in csrc/muon_step_args.h) on the same
-// bf16 buffers and GEMM plans as the standard iteration. In row-major terms, per (a, b, c):
+// buffers (bf16 or fp16) and GEMM plans as the standard iteration. In row-major terms, per
+// (a, b, c):
 //   Z  = c R R + b R          the poly GEMM (A = B = C = R, D = Z), as B = cAA + bA
 //   Q' = Q Z + a Q            m x m x m; column-major D_c = Z_c Q_c + a Q_c (A = Z, B = Q)
 //   T  = R Z + a R            column-major D_c = Z_c R_c + a R_c     (A = Z, B = R, C = R)
@@ -531,9 +560,13 @@ int newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coe
 // shape, NN, ld m), and at the end (and at each restart) X' = Q X, the update GEMM with
 // beta 0; R = X Xᵀ is the gram GEMM. The a-terms stay in beta. Q = I is not stored: the first
 // product after a (re)start is Q = Z + a I (add_scaled_identity_kernel). R is not updated after
-// the last iteration nor before a restart. The iterates are bf16 like the standard path's;
-// restarts (after iteration 2 by default) re-measure R from X, which keeps the negative
-// eigenvalues that bf16 rounding gives R of a low-rank X from growing by a² per update.
+// the last iteration nor before a restart. The iterates are of the workspace type like the
+// standard path's: bf16, or fp16, which the published recipe prefers for Gram (8x finer
+// rounding). fp16's range (65504) holds them: X, R, Z and T stay O(1) (X is normalized in fp32
+// before the cast), and Q's eigenvalue on a singular value s of X is p(s) / s, at most the
+// product of the a's since the last (re)start (under 2e4 for eight jordan iterations). Restarts
+// (after iteration 2 by default) re-measure R from X, which keeps the negative eigenvalues that
+// half-precision rounding gives R of a low-rank X from growing by a² per update.
 int gram_newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double* coefficients,
                                int64_t num_coefficients, const std::vector<int64_t>& restarts,
                                const NsBuffers& buffers, const BlasContext& blas,
@@ -554,17 +587,17 @@ int gram_newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double
   if (blas.lt == nullptr && blas.legacy == nullptr) {
     throw std::invalid_argument("muon_ext newton_schulz: no cuBLASLt or cuBLAS handle");
   }
-  const IterationShapes shapes = iteration_shapes(batch, m, n);
+  const IterationShapes shapes = iteration_shapes(batch, m, n, buffers.type);
   const NsGemmPlan gemms = plan != nullptr ? *plan : plan_newton_schulz(batch, m, n, buffers, blas);
-  auto square = [&](const bf16* A, const bf16* B, const bf16* C, bf16* D, float alpha,
+  auto square = [&](const void* A, const void* B, const void* C, void* D, float alpha,
                     float beta) {  // column-major D = alpha A B + beta C, all m x m
     run_gemm(blas, gemms.poly.get(), shapes.poly, A, B, C, D, alpha, beta, stream);
   };
-  bf16* r = buffers.gram;
-  bf16* z = buffers.poly;
-  bf16* t = buffers.t;
-  bf16* q = buffers.q[0];
-  bf16* q_next = buffers.q[1];
+  void* r = buffers.gram;
+  void* z = buffers.poly;
+  void* t = buffers.t;
+  void* q = buffers.q[0];
+  void* q_next = buffers.q[1];
   int cur = 0;
   auto apply_q = [&] {  // X' = Q X: column-major X'_c = X_c Q_c
     run_gemm(blas, gemms.update.get(), shapes.update, buffers.x[cur], q, buffers.x[1 - cur],
@@ -584,7 +617,7 @@ int gram_newton_schulz_batched(int64_t batch, int64_t m, int64_t n, const double
     const float c = static_cast<float>(coefficients[3 * it + 2]);
     square(r, r, r, z, c, b);  // Z = c R R + b R
     if (q_is_identity) {
-      launch_add_scaled_identity(q, z, batch, m, a, stream);  // Q = Z + a I
+      launch_add_scaled_identity(buffers.type, q, z, batch, m, a, stream);  // Q = Z + a I
       q_is_identity = false;
     } else {
       square(z, q, q, q_next, 1.f, a);  // Q' = Q Z + a Q

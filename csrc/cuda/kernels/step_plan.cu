@@ -99,7 +99,8 @@ std::vector<MatrixTensor> chunk_slices(const std::vector<MatrixTensor>& tensors,
 
 StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
                    const std::vector<ShapeBucket>& buckets, ElementType type,
-                   int64_t workspace_limit, const std::vector<bool>& gram, bool normuon) {
+                   int64_t workspace_limit, const std::vector<bool>& gram, bool normuon,
+                   NsType ns_type) {
   const int64_t limit = resolve_workspace_limit_or_throw(workspace_limit);
   if (!gram.empty() && gram.size() != buckets.size()) {
     throw std::invalid_argument("muon_ext: one Gram flag per bucket expected");
@@ -123,7 +124,7 @@ StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
         static_cast<size_t>(detail::norm_chunks_per_matrix(b.m, b.n)) * sizeof(float) +
         (2 * static_cast<size_t>(b.m * b.n) +
          square_buffers(uses_gram(k)) * static_cast<size_t>(b.m * b.m)) *
-            sizeof(__nv_bfloat16) +
+            kNsElementBytes +
         (normuon ? static_cast<size_t>(b.n) * sizeof(float) : 0)));
   }
   // At most 8 regions (partials, X0, X1, 2 or 5 square buffers), plus NorMuon's.
@@ -139,10 +140,11 @@ StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
     sc.n = b.n;
     sc.count = c.count;
     sc.gram = uses_gram(c.bucket);
+    sc.ns_type = ns_type;
     sc.tensors = chunk_slices(tensors, b, c.first, c.count, type);
     sc.num_partials = count_norm_partials(sc.tensors);
-    const size_t x_bytes = static_cast<size_t>(c.count * b.m * b.n) * sizeof(__nv_bfloat16);
-    const size_t g_bytes = static_cast<size_t>(c.count * b.m * b.m) * sizeof(__nv_bfloat16);
+    const size_t x_bytes = static_cast<size_t>(c.count * b.m * b.n) * kNsElementBytes;
+    const size_t g_bytes = static_cast<size_t>(c.count * b.m * b.m) * kNsElementBytes;
     // Regions in layout order (NOTE: [Chunked step]), each starting 256-byte aligned.
     size_t offset = align_up(static_cast<size_t>(sc.num_partials) * sizeof(float));
     auto region = [&offset](size_t bytes) {
@@ -173,28 +175,28 @@ StepPlan plan_step(const std::vector<MatrixTensor>& tensors,
 NsBuffers chunk_ns_buffers(const StepChunk& chunk, void* workspace) {
   char* base = static_cast<char*>(workspace);
   NsBuffers buffers;
-  buffers.x[0] = reinterpret_cast<__nv_bfloat16*>(base + chunk.x_offset[0]);
-  buffers.x[1] = reinterpret_cast<__nv_bfloat16*>(base + chunk.x_offset[1]);
-  buffers.gram = reinterpret_cast<__nv_bfloat16*>(base + chunk.gram_offset);
-  buffers.poly = reinterpret_cast<__nv_bfloat16*>(base + chunk.poly_offset);
+  buffers.type = chunk.ns_type;
+  buffers.x[0] = base + chunk.x_offset[0];
+  buffers.x[1] = base + chunk.x_offset[1];
+  buffers.gram = base + chunk.gram_offset;
+  buffers.poly = base + chunk.poly_offset;
   if (chunk.gram) {
-    buffers.q[0] = reinterpret_cast<__nv_bfloat16*>(base + chunk.q_offset[0]);
-    buffers.q[1] = reinterpret_cast<__nv_bfloat16*>(base + chunk.q_offset[1]);
-    buffers.t = reinterpret_cast<__nv_bfloat16*>(base + chunk.t_offset);
+    buffers.q[0] = base + chunk.q_offset[0];
+    buffers.q[1] = base + chunk.q_offset[1];
+    buffers.t = base + chunk.t_offset;
   }
   return buffers;
 }
 
 void bind_chunk_ns_buffers(StepChunk& chunk, void* workspace, int which) {
   if (which != 0 && which != 1) throw std::invalid_argument("muon_ext: X buffer index must be 0/1");
-  auto* x = reinterpret_cast<__nv_bfloat16*>(static_cast<char*>(workspace) +
-                                             chunk.x_offset[which]);
+  char* x = static_cast<char*>(workspace) + chunk.x_offset[which];
   auto* row = chunk.normuon ? reinterpret_cast<float*>(static_cast<char*>(workspace) +
                                                        chunk.row_offset)
                             : nullptr;
   int64_t first_matrix = 0;
   for (MatrixTensor& t : chunk.tensors) {
-    t.ns_x = x + first_matrix * chunk.m * chunk.n;
+    t.ns_x = x + static_cast<size_t>(first_matrix * chunk.m * chunk.n) * kNsElementBytes;
     t.normuon_row = row == nullptr ? nullptr : row + first_matrix * chunk.n;
     first_matrix += t.batch;
   }
@@ -226,7 +228,7 @@ void run_step(StepPlan& plan, const PreparedStep& prepared, void* workspace, Ele
     auto* partials = reinterpret_cast<float*>(workspace);  // offset 0 of every chunk's layout
     launch_norm_partials(c.tensors, type, source, scalars, partials, stream);
     bind_chunk_ns_buffers(c, workspace, 0);
-    launch_normalize(c.tensors, type, source, scalars, partials, stream);
+    launch_normalize(c.tensors, type, source, scalars, partials, stream, c.ns_type);
     const NsBuffers buffers = chunk_ns_buffers(c, workspace);
     const int result =
         c.gram ? gram_newton_schulz_batched(c.count, c.m, c.n, coefficients, num_coefficients,
@@ -235,8 +237,10 @@ void run_step(StepPlan& plan, const PreparedStep& prepared, void* workspace, Ele
                : newton_schulz_batched(c.count, c.m, c.n, coefficients, num_coefficients,
                                        buffers, blas, stream, &prepared.gemm[i]);
     bind_chunk_ns_buffers(c, workspace, result);
-    if (c.normuon) launch_normuon(c.tensors, scalars, stream);  // NOTE: [NorMuon on CUDA]
-    launch_write_back(c.tensors, type, mode, scalars, stream);
+    if (c.normuon) {  // NOTE: [NorMuon on CUDA]
+      launch_normuon(c.tensors, scalars, stream, c.ns_type);
+    }
+    launch_write_back(c.tensors, type, mode, scalars, stream, c.ns_type);
   }
 }
 

@@ -5,9 +5,10 @@
 // e.g. cudaErrorInsufficientDriver on a machine without a driver, or reports 0 devices).
 //
 // Tolerances follow the project's ratio rule: the GPU result's error against the float64
-// oracle must stay within 2x the error of a CPU emulation of the same bf16 algorithm (every
-// GEMM input/output rounded to bf16, as the GPU stores them) plus a small absolute term that is
-// spelled out at each check. Set MUON_EXT_TEST_SEED to reproduce a run (the seed is printed).
+// oracle must stay within 2x the error of a CPU emulation of the same half-precision algorithm
+// (every GEMM input/output rounded to the workspace type, bf16 or fp16, as the GPU stores them)
+// plus a small absolute term that is spelled out at each check. Set MUON_EXT_TEST_SEED to
+// reproduce a run (the seed is printed).
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -116,7 +117,23 @@ double round_to(mk::ElementType t, double v) {
   return load_elem(one, t, 0);
 }
 
-double round_bf16(double v) { return round_to(mk::ElementType::kBFloat16, v); }
+// How a CPU reference stores its Newton-Schulz matrices: exactly (double), or rounded to the
+// workspace type where the GPU stores them (`true` alone: bf16, the default workspace).
+struct Storage {
+  bool round;
+  mk::NsType type;
+  Storage(bool r, mk::NsType t = mk::NsType::kBFloat16) : round(r), type(t) {}  // NOLINT
+  double operator()(double v) const {
+    if (!round) return v;
+    return round_to(type == mk::NsType::kFloat16 ? mk::ElementType::kFloat16
+                                                 : mk::ElementType::kBFloat16,
+                    v);
+  }
+};
+
+const char* ns_type_name(mk::NsType t) {
+  return t == mk::NsType::kFloat16 ? "fp16" : "bf16";
+}
 
 // One unit in the last place of |v| in type t (normal numbers; a floor for tiny values).
 double ulp(mk::ElementType t, double v) {
@@ -190,14 +207,13 @@ struct Blas {
 // ---- CPU references ----
 using Matrix = std::vector<double>;  // row-major
 
-// The Newton-Schulz iterations on an m x n (m <= n) matrix in double; with emulate_bf16 every
-// GEMM output is rounded to bf16 as the GPU stores it (inputs are then bf16 already).
+// The Newton-Schulz iterations on an m x n (m <= n) matrix in double; with an emulated storage
+// every GEMM output is rounded to the workspace type as the GPU stores it (inputs are then
+// rounded already).
 Matrix ns_cpu(Matrix x, int64_t m, int64_t n, const std::vector<double>& coeffs,
-              bool emulate_bf16) {
+              const Storage& storage) {
   auto maybe_round = [&](Matrix& z) {
-    if (emulate_bf16) {
-      for (double& v : z) v = round_bf16(v);
-    }
+    for (double& v : z) v = storage(v);
   };
   maybe_round(x);
   Matrix A(static_cast<size_t>(m * m)), B(static_cast<size_t>(m * m)),
@@ -247,14 +263,13 @@ Matrix matmul(const Matrix& A, const Matrix& B, int64_t p, int64_t q, int64_t r,
   return C;
 }
 
-// Gram Newton-Schulz (NOTE: [Gram on CUDA]) on an m x n matrix, in double; with emulate_bf16
-// every stored matrix (R, Z, Q, T, X) is rounded to bf16 where the GPU stores it.
+// Gram Newton-Schulz (NOTE: [Gram on CUDA]) on an m x n matrix, in double; with an emulated
+// storage every stored matrix (R, Z, Q, T, X) is rounded to the workspace type where the GPU
+// stores it.
 Matrix gram_ns_cpu(Matrix x, int64_t m, int64_t n, const std::vector<double>& coeffs,
-                   const std::vector<int64_t>& restarts, bool emulate_bf16) {
+                   const std::vector<int64_t>& restarts, const Storage& storage) {
   auto rounded = [&](Matrix z) {
-    if (emulate_bf16) {
-      for (double& v : z) v = round_bf16(v);
-    }
+    for (double& v : z) v = storage(v);
     return z;
   };
   auto transpose = [](const Matrix& a, int64_t p, int64_t q) {
@@ -299,7 +314,7 @@ Matrix gram_ns_cpu(Matrix x, int64_t m, int64_t n, const std::vector<double>& co
 // Orthogonalized direction of one rows x cols matrix U (row-major), returned in U's orientation.
 // `gram_restarts` non-null: Gram Newton-Schulz with those restarts.
 Matrix orthogonalize_cpu(const Matrix& u, int64_t rows, int64_t cols,
-                         const std::vector<double>& coeffs, double eps, bool emulate_bf16,
+                         const std::vector<double>& coeffs, double eps, const Storage& storage,
                          const std::vector<int64_t>* gram_restarts = nullptr) {
   double ss = 0;
   for (double v : u) ss += v * v;
@@ -318,8 +333,8 @@ Matrix orthogonalize_cpu(const Matrix& u, int64_t rows, int64_t cols,
     }
   }
   const Matrix y = gram_restarts != nullptr
-                       ? gram_ns_cpu(std::move(x), m, n, coeffs, *gram_restarts, emulate_bf16)
-                       : ns_cpu(std::move(x), m, n, coeffs, emulate_bf16);
+                       ? gram_ns_cpu(std::move(x), m, n, coeffs, *gram_restarts, storage)
+                       : ns_cpu(std::move(x), m, n, coeffs, storage);
   Matrix out(static_cast<size_t>(rows * cols));
   for (int64_t i = 0; i < rows; ++i) {
     for (int64_t j = 0; j < cols; ++j) out[i * cols + j] = tall ? y[j * rows + i] : y[i * cols + j];
@@ -354,16 +369,17 @@ std::vector<mk::ShapeBucket> make_buckets(const std::vector<Shape>& shapes) {
 }
 
 // Runs the step exactly as the torch glue does (plan, prepare, run chunk by chunk), with the
-// workspace poisoned (0xFF bytes: NaN in bf16 and fp32) so that an element no kernel wrote
+// workspace poisoned (0xFF bytes: NaN in bf16, fp16 and fp32) so that an element no kernel wrote
 // shows up as NaN.
 void run_phases(const std::vector<mk::MatrixTensor>& tensors,
                 const std::vector<mk::ShapeBucket>& buckets, mk::ElementType type,
                 mk::DirectionSource source, mk::WriteBack mode, const mk::StepScalars& scalars,
                 const std::vector<double>& coeffs, const mk::BlasContext& blas,
                 cudaStream_t stream, int64_t workspace_limit = -1, bool gram = false,
-                const std::vector<int64_t>& gram_restarts = {}, bool normuon = false) {
+                const std::vector<int64_t>& gram_restarts = {}, bool normuon = false,
+                mk::NsType ns_type = mk::NsType::kBFloat16) {
   mk::StepPlan plan = mk::plan_step(tensors, buckets, type, workspace_limit,
-                                    std::vector<bool>(buckets.size(), gram), normuon);
+                                    std::vector<bool>(buckets.size(), gram), normuon, ns_type);
   DeviceBuffer ws(plan.workspace_bytes);
   check_cuda(cudaMemsetAsync(ws.get(), 0xFF, ws.bytes(), stream), "poison workspace");
   const mk::PreparedStep prepared = mk::prepare_step(plan, ws.get(), blas);
@@ -432,6 +448,7 @@ struct StepConfig {
   std::vector<int64_t> gram_restarts = {2};
   bool normuon = false;          // NorMuon with StepData::vs
   double normuon_beta2 = 0.95, normuon_eps = 1e-8;
+  mk::NsType ns_type = mk::NsType::kBFloat16;  // the workspace type
 };
 
 struct StepResult {
@@ -508,7 +525,7 @@ StepResult run_gpu_step(const StepData& d, mk::ElementType type, const StepConfi
 
   run_phases(tensors, make_buckets(d.shapes), type, mk::DirectionSource::kMomentum,
              mk::WriteBack::kApplyUpdate, sc, coeffs, blas.context(cfg.force_legacy), stream,
-             cfg.workspace_limit, cfg.gram, cfg.gram_restarts, cfg.normuon);
+             cfg.workspace_limit, cfg.gram, cfg.gram_restarts, cfg.normuon, cfg.ns_type);
   StepResult r;
   for (size_t i = 0; i < d.shapes.size(); ++i) {
     r.params.push_back(p[i].download<uint8_t>());
@@ -796,6 +813,66 @@ void check_prepare_fails_before_writing() {
 // The emulation's own error is printed next to the standard step's: in bf16, Gram loses to
 // standard on square-ish matrices (R = X Xᵀ squares the condition number), which is why "auto"
 // never picks it there.
+// Errors of tensor t of a step's params against the float64 reference (standard Newton-Schulz
+// in double), next to those of the CPU emulation of the GPU's algorithm (`storage`; Gram with
+// `emul_restarts` when non-null), measured as check_step_against_reference measures them. atol:
+// one ulp of P per element, and 2^-9 of the update's norm (half a bf16 ulp, relative: near-ties
+// of the rounding of X that fp32 and double accumulation may round either way).
+struct TensorErrors {
+  double gpu = 0, emul = 0, atol = 0;
+  bool finite = true;
+  // The ratio rule; an emulation that itself is not finite (Gram on a square-ish matrix in half
+  // precision) is no yardstick, and such a tensor passes whatever the GPU gives.
+  bool ok() const {
+    const bool emul_finite = std::isfinite(emul);
+    return (finite || !emul_finite) && (!emul_finite || gpu <= 2 * emul + atol);
+  }
+};
+
+TensorErrors tensor_errors(const StepData& d, size_t t, mk::ElementType type,
+                           const StepConfig& cfg, const std::vector<double>& coeffs,
+                           const StepResult& r, const Storage& storage,
+                           const std::vector<int64_t>* emul_restarts) {
+  const Shape& s = d.shapes[t];
+  const int64_t mat = s.rows * s.cols;
+  const double lr = static_cast<float>(cfg.lr);  // the kernels see lr as fp32
+  double err_gpu = 0, err_emul = 0, atol2 = 0, update_norm2 = 0;
+  TensorErrors e;
+  for (int64_t b = 0; b < s.batch; ++b) {
+    const Matrix u = direction_cpu(d, t, b, type, cfg);
+    const Matrix x_ref = orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, false);
+    const Matrix x_emul =
+        orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, storage, emul_restarts);
+    const double scale = update_scale(s);
+    for (int64_t i = 0; i < mat; ++i) {
+      const size_t k = static_cast<size_t>(b * mat + i);
+      const double p0 = load_elem(d.params[t], type, k);
+      const double p_ref = p0 * (1.0 - lr * cfg.weight_decay) - lr * scale * x_ref[i];
+      const double p_emul =
+          round_to(type, p0 * (1.0 - lr * cfg.weight_decay) - lr * scale * x_emul[i]);
+      const double got = load_elem(r.params[t], type, k);
+      e.finite = e.finite && std::isfinite(got);
+      err_gpu += (got - p_ref) * (got - p_ref);
+      err_emul += (p_emul - p_ref) * (p_emul - p_ref);
+      atol2 += ulp(type, p_ref) * ulp(type, p_ref);
+      update_norm2 += (lr * scale * x_ref[i]) * (lr * scale * x_ref[i]);
+    }
+  }
+  e.gpu = std::sqrt(err_gpu);
+  e.emul = std::sqrt(err_emul);
+  e.atol = std::sqrt(atol2) + std::ldexp(std::sqrt(update_norm2), -9);
+  return e;
+}
+
+// Reports one tensor's errors under the ratio rule, next to another run's error (`other`).
+void expect_ratio(const std::string& what, const TensorErrors& e, const char* other,
+                  double other_err) {
+  char buf[160];
+  std::snprintf(buf, sizeof(buf), ": |gpu-ref|=%.3e <= 2*|emul-ref|=%.3e + %.3e (%s: %.3e)",
+                e.gpu, 2 * e.emul, e.atol, other, other_err);
+  expect(e.ok(), what + buf);
+}
+
 void check_gram(std::mt19937_64& rng, bool force_legacy, const Blas& blas, cudaStream_t stream) {
   std::printf("gram step (%s)\n", force_legacy ? "legacy cuBLAS" : "cuBLASLt");
   const mk::ElementType type = mk::ElementType::kFloat32;
@@ -816,47 +893,88 @@ void check_gram(std::mt19937_64& rng, bool force_legacy, const Blas& blas, cudaS
                                                    " iterations: chunked Gram bit-identical");
     expect(gram.params != standard.params, std::to_string(steps) +
                                                " iterations: Gram differs from standard in bits");
-    const double lr = static_cast<float>(cfg.lr);
     for (size_t t = 0; t < kShapes.size(); ++t) {
-      const Shape& s = kShapes[t];
-      if (s.numel() == 0) continue;
-      const int64_t mat = s.rows * s.cols;
-      double err_gram = 0, err_std = 0, err_emul = 0, atol2 = 0, update_norm2 = 0;
-      bool finite = true;
-      for (int64_t b = 0; b < s.batch; ++b) {
-        const Matrix u = direction_cpu(d, t, b, type, cfg);
-        const Matrix x_ref = orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, false);
-        const Matrix x_emul =
-            orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, true, &gcfg.gram_restarts);
-        const double scale = update_scale(s);
-        for (int64_t i = 0; i < mat; ++i) {
-          const size_t e = static_cast<size_t>(b * mat + i);
-          const double p0 = load_elem(d.params[t], type, e);
-          const double p_ref = p0 * (1.0 - lr * cfg.weight_decay) - lr * scale * x_ref[i];
-          const double p_emul = round_to(type, p0 * (1.0 - lr * cfg.weight_decay) -
-                                                   lr * scale * x_emul[i]);
-          err_emul += (p_emul - p_ref) * (p_emul - p_ref);
-          const double got = load_elem(gram.params[t], type, e);
-          const double std_got = load_elem(standard.params[t], type, e);
-          finite = finite && std::isfinite(got);
-          err_gram += (got - p_ref) * (got - p_ref);
-          err_std += (std_got - p_ref) * (std_got - p_ref);
-          atol2 += ulp(type, p_ref) * ulp(type, p_ref);
-          update_norm2 += (lr * scale * x_ref[i]) * (lr * scale * x_ref[i]);
-        }
-      }
-      const double atol = std::sqrt(atol2) + std::ldexp(std::sqrt(update_norm2), -9);
-      char buf[256];
-      std::snprintf(buf, sizeof(buf),
-                    "%d it., tensor %zu: |gram-ref|=%.3e <= 2*|emul-ref|=%.3e + %.3e "
-                    "(standard step: %.3e)",
-                    steps, t, std::sqrt(err_gram), 2 * std::sqrt(err_emul), atol,
-                    std::sqrt(err_std));
-      const bool emul_finite = std::isfinite(err_emul);
-      expect((finite || !emul_finite) &&
-                 (!emul_finite || std::sqrt(err_gram) <= 2 * std::sqrt(err_emul) + atol),
-             buf);
+      if (kShapes[t].numel() == 0) continue;
+      const TensorErrors e =
+          tensor_errors(d, t, type, cfg, coeffs, gram, true, &gcfg.gram_restarts);
+      const double err_std = tensor_errors(d, t, type, cfg, coeffs, standard, true, nullptr).gpu;
+      expect_ratio(std::to_string(steps) + " it. Gram, tensor " + std::to_string(t), e,
+                   "standard step", err_std);
     }
+  }
+}
+
+// NOTE: [Newton-Schulz dtype]: the fp16 workspace, standard and Gram, against the float64
+// standard reference under the ratio rule, with an emulation that rounds every stored matrix to
+// fp16 (the bf16 workspace's error is printed next to it); any chunking gives the same bits; fp16
+// is another computation than bf16 (its bits differ). Loss-scaled grads (x65536, what a
+// GradScaler hands over for fp16 training): with grad_scale 65536 the step gives the bits of
+// the unscaled step, and with grad_scale 1 (U itself ~65536x, far past fp16's 65504) the result
+// is finite and within the ratio rule, because phase 2 divides by the norm in fp32 before the
+// cast.
+void check_ns_dtype(std::mt19937_64& rng, bool force_legacy, const Blas& blas,
+                    cudaStream_t stream) {
+  std::printf("fp16 Newton-Schulz workspace (%s)\n",
+              force_legacy ? "legacy cuBLAS" : "cuBLASLt");
+  const mk::ElementType type = mk::ElementType::kFloat32;
+  const StepData d = random_step_data(rng, type, 1.0);
+  const std::vector<double> coeffs = jordan_coefficients(5);
+  const std::vector<int64_t> restarts = {2};
+  for (const bool gram : {false, true}) {
+    const char* algo = gram ? "gram" : "standard";
+    StepConfig cfg;
+    cfg.force_legacy = force_legacy;
+    cfg.gram = gram;
+    cfg.gram_restarts = restarts;
+    const StepResult bf16 = run_gpu_step(d, type, cfg, coeffs, blas, stream);
+    cfg.ns_type = mk::NsType::kFloat16;
+    const StepResult fp16 = run_gpu_step(d, type, cfg, coeffs, blas, stream);
+    StepConfig chunked = cfg;
+    chunked.workspace_limit = 20000;
+    const StepResult fp16_chunked = run_gpu_step(d, type, chunked, coeffs, blas, stream);
+    expect(fp16_chunked.params == fp16.params && fp16_chunked.moms == fp16.moms,
+           std::string(algo) + " fp16: chunked step bit-identical");
+    expect(fp16.params != bf16.params, std::string(algo) + " fp16: differs from bf16 in bits");
+    const std::vector<int64_t>* emul_restarts = gram ? &restarts : nullptr;
+    for (size_t t = 0; t < kShapes.size(); ++t) {
+      if (kShapes[t].numel() == 0) continue;
+      const TensorErrors e = tensor_errors(d, t, type, cfg, coeffs, fp16,
+                                           Storage(true, mk::NsType::kFloat16), emul_restarts);
+      const double err_bf16 =
+          tensor_errors(d, t, type, cfg, coeffs, bf16, true, emul_restarts).gpu;
+      expect_ratio(std::string(algo) + " fp16, tensor " + std::to_string(t), e,
+                   "bf16 workspace", err_bf16);
+    }
+
+    // Loss-scaled grads. 65536 is a power of two: G / 65536 is exact, so U is the same.
+    StepData scaled = d;
+    for (size_t t = 0; t < kShapes.size(); ++t) {
+      for (size_t i = 0; i < static_cast<size_t>(kShapes[t].numel()); ++i) {
+        store_elem(scaled.grads[t], type, i, 65536.0 * load_elem(d.grads[t], type, i));
+      }
+    }
+    StepConfig unscale = cfg;
+    unscale.grad_scale = 65536.0;
+    unscale.grad_scale_on_device = true;
+    const StepResult r_unscale = run_gpu_step(scaled, type, unscale, coeffs, blas, stream);
+    expect(r_unscale.params == fp16.params && r_unscale.moms == fp16.moms,
+           std::string(algo) + " fp16: grads x65536 with grad_scale 65536 give the unscaled bits");
+    const StepResult r_big = run_gpu_step(scaled, type, cfg, coeffs, blas, stream);
+    bool all_ok = true;
+    double worst = 0;
+    for (size_t t = 0; t < kShapes.size(); ++t) {
+      if (kShapes[t].numel() == 0) continue;
+      const TensorErrors e = tensor_errors(scaled, t, type, cfg, coeffs, r_big,
+                                           Storage(true, mk::NsType::kFloat16), emul_restarts);
+      all_ok = all_ok && e.ok() && e.finite;
+      worst = std::max(worst, e.gpu / (2 * e.emul + e.atol));
+    }
+    char buf[160];
+    std::snprintf(buf, sizeof(buf),
+                  "%s fp16: grads x65536 with grad_scale 1 (U ~ 65536x): finite, ratio rule "
+                  "(worst |gpu-ref| / bound = %.3f)",
+                  algo, worst);
+    expect(all_ok, buf);
   }
 }
 
@@ -890,9 +1008,10 @@ std::vector<double> normuon_rows_cpu(const Matrix& o, int64_t rows, int64_t cols
 // any chunking (chunk boundaries inside 3-D stacks, one matrix per chunk) gives the same bits,
 // found_inf changes nothing (v included), and zero grads give P = P (1 - lr wd), no NaN.
 void check_normuon(std::mt19937_64& rng, mk::ElementType type, bool force_legacy,
-                   const Blas& blas, cudaStream_t stream) {
-  std::printf("normuon step: params %s, %s\n", type_name(type),
-              force_legacy ? "legacy cuBLAS" : "cuBLASLt");
+                   const Blas& blas, cudaStream_t stream,
+                   mk::NsType ns_type = mk::NsType::kBFloat16) {
+  std::printf("normuon step: params %s, %s workspace, %s\n", type_name(type),
+              ns_type_name(ns_type), force_legacy ? "legacy cuBLAS" : "cuBLASLt");
   const std::vector<Shape> shapes = {{1, 24, 72}, {1, 72, 24},   {3, 16, 40},  {2, 40, 16},
                                      {1, 300, 70}, {1, 260, 280}, {1, 5, 7},    {2, 7, 11},
                                      {1, 1, 13},  {1, 11, 1},    {1, 0, 5}};
@@ -914,6 +1033,7 @@ void check_normuon(std::mt19937_64& rng, mk::ElementType type, bool force_legacy
   cfg.force_legacy = force_legacy;
   cfg.normuon = true;
   cfg.lr_on_device = true;
+  cfg.ns_type = ns_type;
   const StepResult r = run_gpu_step(d, type, cfg, coeffs, blas, stream);
   const double lr = static_cast<float>(cfg.lr);
 
@@ -932,7 +1052,8 @@ void check_normuon(std::mt19937_64& rng, mk::ElementType type, bool force_legacy
     for (int64_t b = 0; b < s.batch; ++b) {
       const Matrix u = direction_cpu(d, t, b, type, cfg);
       const Matrix o_ref = orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, false);
-      const Matrix o_emul = orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, true);
+      const Matrix o_emul =
+          orthogonalize_cpu(u, s.rows, s.cols, coeffs, cfg.eps, Storage(true, ns_type));
       std::vector<double> v_ref(d.vs[t].begin() + b * s.rows, d.vs[t].begin() + (b + 1) * s.rows);
       std::vector<double> v_emul = v_ref;
       const std::vector<double> r_ref =
@@ -990,7 +1111,7 @@ void check_normuon(std::mt19937_64& rng, mk::ElementType type, bool force_legacy
   const std::vector<mk::MatrixTensor> shapes_only = shape_only_tensors(shapes);
   const std::vector<mk::ShapeBucket> buckets = make_buckets(shapes);
   for (const int64_t limit : {int64_t{12000}, int64_t{1}}) {
-    const mk::StepPlan plan = mk::plan_step(shapes_only, buckets, type, limit, {}, true);
+    const mk::StepPlan plan = mk::plan_step(shapes_only, buckets, type, limit, {}, true, ns_type);
     bool splits_stack = false;  // a chunk boundary inside a 3-D stack
     for (const mk::StepChunk& c : plan.chunks) {
       for (size_t k = 0; k < c.tensors.size(); ++k) {
@@ -1080,6 +1201,9 @@ int main() {
       check_gram(rng, true, blas, stream);
       check_normuon(rng, mk::ElementType::kFloat32, false, blas, stream);
       check_normuon(rng, mk::ElementType::kBFloat16, true, blas, stream);
+      check_ns_dtype(rng, false, blas, stream);
+      check_ns_dtype(rng, true, blas, stream);
+      check_normuon(rng, mk::ElementType::kFloat32, false, blas, stream, mk::NsType::kFloat16);
       check_prepare_fails_before_writing();
     }
     check_cuda(cudaStreamDestroy(stream), "cudaStreamDestroy");

@@ -4,10 +4,10 @@
 // CI and the development machines have no GPU. emulated_kernels.cpp compiles the real kernel
 // sources (csrc/cuda/kernels/*.cu) as plain C++ after this header, and fake_cuda_blas.cpp
 // stands in for the CUDA runtime, cuBLAS and cuBLASLt (documented column-major semantics,
-// bf16 storage, fp32 accumulation). test_muon_kernels.cpp then runs unchanged against that,
-// so indexing, tiling, tails, vector paths, slot tables, found_inf, the workspace layout and the
-// row-major <-> column-major GEMM mapping are all exercised without a device. What it cannot
-// show: real cuBLAS(Lt) algorithm selection, memory-model/timing effects, performance.
+// bf16 or fp16 storage, fp32 accumulation). test_muon_kernels.cpp then runs unchanged against
+// that, so indexing, tiling, tails, vector paths, slot tables, found_inf, the workspace layout
+// and the row-major <-> column-major GEMM mapping are all exercised without a device. What it
+// cannot show: real cuBLAS(Lt) algorithm selection, memory-model/timing effects, performance.
 //
 // Model (details in emulated_kernels.cpp): blocks run one after another; the threads of a block
 // are fibers on one OS thread, switching at barriers: __syncthreads waits for the block,

@@ -2,8 +2,9 @@
 // their test call, for the host emulation (see NOTE: [Why a host emulation] in emulation.h).
 //
 // "Device" memory is host memory. The GEMMs implement the documented column-major semantics
-// D = alpha op(A) op(B) + beta C (C not read when beta == 0) on bf16 storage with fp32
-// accumulation, and they check what real cuBLAS(Lt) requires or leaves undefined, failing with
+// D = alpha op(A) op(B) + beta C (C not read when beta == 0) on bf16 or fp16 storage (all four
+// operands of one type, rounded to it on store) with fp32 accumulation, and they check what
+// real cuBLAS(Lt) requires or leaves undefined, failing with
 // CUBLAS_STATUS_INVALID_VALUE instead of computing garbage: consistent layout dimensions,
 // ld >= rows, equal batch counts, promised operand alignments actually met by every batch,
 // outputs that do not overlap inputs (C == D exactly is allowed for cuBLASLt; legacy cuBLAS
@@ -12,6 +13,7 @@
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -22,8 +24,6 @@
 #include <vector>
 
 namespace {
-
-using bf16 = __nv_bfloat16;
 
 int g_handle_storage[4];
 cudaStream_t g_legacy_stream = nullptr;
@@ -38,13 +38,38 @@ constexpr uint64_t kAlgoMagic = 0x6d756f6e5f656d75ull;  // "muon_emu"
 
 int64_t signed_field(uint64_t v) { return static_cast<int64_t>(v); }
 
+// The 16-bit storage types a GEMM may take (all four operands the same).
+bool supported_type(uint64_t type) { return type == CUDA_R_16BF || type == CUDA_R_16F; }
+
+// Every supported type is 2 bytes.
+constexpr size_t kElementBytes = 2;
+
 struct Operand {
-  const bf16* p;
+  const void* p;
   int64_t rows;  // as stored (column-major)
   int64_t cols;
   int64_t ld;
   int64_t stride;
+  cudaDataType type;
+
+  // Element at offset `i` (elements) from p, widened to fp32.
+  float at(int64_t i) const {
+    return type == CUDA_R_16F ? __half2float(static_cast<const __half*>(p)[i])
+                              : __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
+  }
+  const void* batch_ptr(int64_t n) const {
+    return static_cast<const char*>(p) + static_cast<size_t>(n * stride) * kElementBytes;
+  }
 };
+
+// Rounds v to `type` (round to nearest even) into d[i].
+void store(void* d, cudaDataType type, int64_t i, float v) {
+  if (type == CUDA_R_16F) {
+    static_cast<__half*>(d)[i] = __float2half_rn(v);
+  } else {
+    static_cast<__nv_bfloat16*>(d)[i] = __float2bfloat16_rn(v);
+  }
+}
 
 bool overlaps(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
   const auto x = reinterpret_cast<uintptr_t>(a);
@@ -54,30 +79,29 @@ bool overlaps(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
 
 size_t extent_bytes(const Operand& o, int64_t batch) {
   // Last element of the last batch, plus one.
-  return static_cast<size_t>((batch - 1) * o.stride + (o.cols - 1) * o.ld + o.rows) * sizeof(bf16);
+  return static_cast<size_t>((batch - 1) * o.stride + (o.cols - 1) * o.ld + o.rows) *
+         kElementBytes;
 }
 
 // D(b) = alpha op(A(b)) op(B(b)) + beta C(b), column-major, fp32 accumulation, one rounding.
 void gemm_cpu(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
-              const Operand& A, const Operand& B, float beta, const Operand& C, bf16* D,
+              const Operand& A, const Operand& B, float beta, const Operand& C, void* D,
               int64_t ld_d, int64_t stride_d, int64_t batch) {
   std::vector<float> a(static_cast<size_t>(M * K)), b(static_cast<size_t>(N * K)),
       out(static_cast<size_t>(M * N));
   for (int64_t n = 0; n < batch; ++n) {
-    const bf16* pa = A.p + n * A.stride;
-    const bf16* pb = B.p + n * B.stride;
+    const int64_t oa = n * A.stride;
+    const int64_t ob = n * B.stride;
     for (int64_t i = 0; i < M; ++i) {
       for (int64_t k = 0; k < K; ++k) {
         // op(A)(i, k): A(i, k) at i + k*lda, or A(k, i) at k + i*lda when transposed.
-        a[static_cast<size_t>(i * K + k)] =
-            __bfloat162float(trans_a ? pa[k + i * A.ld] : pa[i + k * A.ld]);
+        a[static_cast<size_t>(i * K + k)] = A.at(oa + (trans_a ? k + i * A.ld : i + k * A.ld));
       }
     }
     for (int64_t j = 0; j < N; ++j) {
       for (int64_t k = 0; k < K; ++k) {
         // op(B)(k, j): B(k, j) at k + j*ldb, or B(j, k) at j + k*ldb when transposed.
-        b[static_cast<size_t>(j * K + k)] =
-            __bfloat162float(trans_b ? pb[j + k * B.ld] : pb[k + j * B.ld]);
+        b[static_cast<size_t>(j * K + k)] = B.at(ob + (trans_b ? j + k * B.ld : k + j * B.ld));
       }
     }
     for (int64_t j = 0; j < N; ++j) {
@@ -87,13 +111,13 @@ void gemm_cpu(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float
         const float* rb = b.data() + j * K;
         for (int64_t k = 0; k < K; ++k) acc += ra[k] * rb[k];
         float v = alpha * acc;
-        if (beta != 0.f) v += beta * __bfloat162float(C.p[n * C.stride + i + j * C.ld]);
+        if (beta != 0.f) v += beta * C.at(n * C.stride + i + j * C.ld);
         out[static_cast<size_t>(i + j * M)] = v;
       }
     }
     for (int64_t j = 0; j < N; ++j) {
       for (int64_t i = 0; i < M; ++i) {
-        D[n * stride_d + i + j * ld_d] = __float2bfloat16_rn(out[static_cast<size_t>(i + j * M)]);
+        store(D, C.type, n * stride_d + i + j * ld_d, out[static_cast<size_t>(i + j * M)]);
       }
     }
   }
@@ -209,11 +233,11 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t tran
                                           cublasComputeType_t computeType, cublasGemmAlgo_t) {
   const bool ta = transa != CUBLAS_OP_N;
   const bool tb = transb != CUBLAS_OP_N;
-  const Operand a{static_cast<const bf16*>(A), ta ? k : m, ta ? m : k, lda, strideA};
-  const Operand b{static_cast<const bf16*>(B), tb ? n : k, tb ? k : n, ldb, strideB};
-  const Operand c{static_cast<const bf16*>(C), m, n, ldc, strideC};
+  const Operand a{A, ta ? k : m, ta ? m : k, lda, strideA, Atype};
+  const Operand b{B, tb ? n : k, tb ? k : n, ldb, strideB, Btype};
+  const Operand c{C, m, n, ldc, strideC, Ctype};
   bool ok = true;
-  if (Atype != CUDA_R_16BF || Btype != CUDA_R_16BF || Ctype != CUDA_R_16BF) ok = fail("types");
+  if (!supported_type(Atype) || Btype != Atype || Ctype != Atype) ok = fail("types");
   if (computeType != CUBLAS_COMPUTE_32F) ok = fail("compute type");
   if (g_pointer_mode != CUBLAS_POINTER_MODE_HOST) ok = fail("pointer mode");
   if ((g_math_mode & CUBLAS_MATH_DISALLOW_REDUCED_PRECISION_REDUCTION) == 0) {
@@ -226,7 +250,7 @@ cublasStatus_t cublasGemmStridedBatchedEx(cublasHandle_t, cublasOperation_t tran
   }
   if (!ok) return CUBLAS_STATUS_INVALID_VALUE;
   gemm_cpu(ta, tb, m, n, k, *static_cast<const float*>(alpha), a, b,
-           *static_cast<const float*>(beta), c, static_cast<bf16*>(C), ldc, strideC, batchCount);
+           *static_cast<const float*>(beta), c, C, ldc, strideC, batchCount);
   return CUBLAS_STATUS_SUCCESS;
 }
 
@@ -356,7 +380,7 @@ cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, cublasLtMatmulDe
   if (requested < 1) return CUBLAS_STATUS_INVALID_VALUE;
   if ((pref->data[kReductionMask] & (CUBLASLT_REDUCTION_SCHEME_INPLACE |
                                      CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE)) != 0) {
-    fail("heuristic allows split-K reductions in the bf16 output type");
+    fail("heuristic allows split-K reductions in the 16-bit output type");
     return CUBLAS_STATUS_INVALID_VALUE;
   }
   std::memset(&results[0], 0, sizeof(results[0]));
@@ -391,9 +415,9 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc, const
                               cublasLtMatrixLayout_t Cdesc, void* D, cublasLtMatrixLayout_t Ddesc,
                               const cublasLtMatmulAlgo_t* algo, void*, size_t, cudaStream_t) {
   auto operand = [](const void* p, cublasLtMatrixLayout_t l) {
-    return Operand{static_cast<const bf16*>(p), signed_field(l->data[kRows]),
-                   signed_field(l->data[kCols]), signed_field(l->data[kLd]),
-                   signed_field(l->data[kStride])};
+    return Operand{p, signed_field(l->data[kRows]), signed_field(l->data[kCols]),
+                   signed_field(l->data[kLd]), signed_field(l->data[kStride]),
+                   static_cast<cudaDataType>(l->data[kType])};
   };
   const Operand a = operand(A, Adesc), b = operand(B, Bdesc), c = operand(C, Cdesc),
                 d = operand(D, Ddesc);
@@ -405,7 +429,9 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc, const
   bool ok = true;
   if (algo == nullptr || algo->data[0] != kAlgoMagic) ok = fail("algo not from the heuristic");
   for (cublasLtMatrixLayout_t l : {Adesc, Bdesc, Cdesc, Ddesc}) {
-    if (l->data[kType] != CUDA_R_16BF) ok = fail("layout type");
+    if (!supported_type(l->data[kType]) || l->data[kType] != Adesc->data[kType]) {
+      ok = fail("layout type");
+    }
     if (signed_field(l->data[kBatch]) != batch) ok = fail("batch counts differ");
     if (signed_field(l->data[kLd]) < signed_field(l->data[kRows])) ok = fail("ld < rows");
   }
@@ -421,7 +447,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc, const
   for (int i = 0; i < 4 && ok; ++i) {
     const uint64_t align = algo->data[1 + i];
     for (int64_t n = 0; n < batch; ++n) {
-      const auto addr = reinterpret_cast<uintptr_t>(ops[i]->p + n * ops[i]->stride);
+      const auto addr = reinterpret_cast<uintptr_t>(ops[i]->batch_ptr(n));
       if (addr % align != 0) {
         ok = fail("an operand batch is less aligned than promised to the heuristic");
         break;
@@ -436,7 +462,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t, cublasLtMatmulDesc_t desc, const
   }
   if (!ok) return CUBLAS_STATUS_INVALID_VALUE;
   gemm_cpu(ta, tb, M, N, K, *static_cast<const float*>(alpha), a, b,
-           *static_cast<const float*>(beta), c, static_cast<bf16*>(D), d.ld, d.stride, batch);
+           *static_cast<const float*>(beta), c, D, d.ld, d.stride, batch);
   return CUBLAS_STATUS_SUCCESS;
 }
 
