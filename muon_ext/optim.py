@@ -1107,23 +1107,19 @@ def _validate_hyperparameters(
 
 
 def _refuse_distributed_blocks(optimizer: Any, group: dict[str, Any], index: int) -> None:
-    """The distributed step (FSDP2 DTensor params, distributed_mode="owner") has no matrix
-    blocks yet: a group that sets them is refused there rather than stepped as whole matrices."""
+    """The distributed step (FSDP2 DTensor params, distributed_mode="owner") takes row blocks
+    and NorMuon (NOTE: [Distributed matrix blocks] in muon_ext/distributed.py) but not column
+    blocks: a group that sets them is refused there rather than stepped some other way."""
     if not _distributed.wanted(optimizer, group):
         return
-    if group.get("normuon", False):
-        raise NotImplementedError(
-            f"param_groups[{index}] sets normuon=True, which the distributed step (FSDP2 DTensor "
-            "params or distributed_mode='owner') does not support yet"
-        )
     if not blocking_requested(group.get("num_heads"), group.get("split_sizes")):
         return
-    setting = "num_heads" if group.get("num_heads") is not None else "split_sizes"
-    raise NotImplementedError(
-        f"param_groups[{index}] sets {setting}={group[setting]!r}, which the distributed step "
-        "(FSDP2 DTensor params or distributed_mode='owner') does not support yet; leave "
-        "num_heads and split_sizes unset for such groups"
-    )
+    if group.get("split_dim", 0) != 0:
+        raise NotImplementedError(
+            f"param_groups[{index}] sets split_dim={group['split_dim']!r} (column blocks), which "
+            "the distributed step (FSDP2 DTensor params or distributed_mode='owner') does not "
+            "support yet; use row blocks (split_dim=0) for such groups"
+        )
 
 
 def _validate_params(group: dict[str, Any], index: int) -> None:

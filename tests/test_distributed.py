@@ -410,10 +410,120 @@ def same_grads_bit_identical(rank, world, tmp):
     }
 
 
+class BlockNet(nn.Module):
+    """Params for num_heads, split_sizes and NorMuon: row counts that FSDP2 shards unevenly
+    (a shard may span two blocks), one blocked weight and one 3-D stack on Shard(1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(U.SEED + 7)
+
+        def param(*shape):
+            return nn.Parameter(torch.randn(*shape, generator=gen) / shape[-1] ** 0.5)
+
+        self.heads = param(10, 6)  # num_heads=2: (2, 5, 6)
+        self.heads_cols = param(12, 6)  # num_heads=2: (2, 6, 6); Shard(1) under FSDP2
+        self.qkv = param(14, 6)  # split_sizes (8, 4, 2) x 2 heads, NorMuon
+        self.split = param(9, 4)  # split_sizes (5, 4)
+        self.plain = param(9, 5)  # NorMuon
+        self.wide = param(4, 9)  # NorMuon
+        self.stack = param(3, 6, 5)  # NorMuon; Shard(1) under FSDP2 (even: FSDP2 needs it)
+
+
+def _block_groups(model: BlockNet) -> list[dict]:
+    return [
+        {"params": [model.heads, model.heads_cols], "num_heads": 2},
+        {"params": [model.qkv], "split_sizes": (8, 4, 2), "num_heads": 2, "normuon": True,
+         "normuon_beta2": 0.9},
+        {"params": [model.split], "split_sizes": (5, 4), "adjust_lr_fn": "match_rms_adamw"},
+        {"params": [model.plain, model.wide, model.stack], "normuon": True, "nesterov": False},
+    ]
+
+
+def blocks_normuon_bit_identical(rank, world, tmp):
+    """num_heads, split_sizes (row blocks) and NorMuon given exactly the single process's
+    gradients: DDP owner mode and FSDP2 reproduce the single-process fused step bit for bit,
+    params, momentum and NorMuon's v; every rank holds the same state keys."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    single = BlockNet()
+    single_opt = Muon(_block_groups(single), **U.HYPER)
+    owner = BlockNet()
+    owner_opt = Muon(_block_groups(owner), **U.HYPER, distributed_mode="owner")
+    sharded = BlockNet()
+    cols = {sharded.heads_cols, sharded.stack}
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (world,)),
+                shard_placement_fn=lambda p: Shard(1) if p in cols else None)
+    sharded_opt = Muon(_block_groups(sharded), **U.HYPER)
+    for step in range(U.STEPS):
+        gen = torch.Generator().manual_seed(U.SEED + 200 + step)
+        g = {n: torch.randn(p.shape, generator=gen) for n, p in single.named_parameters()}
+        for model in (single, owner):
+            for n, p in model.named_parameters():
+                p.grad = g[n].clone()
+        for n, p in sharded.named_parameters():
+            p.grad = distribute_tensor(g[n].clone(), p.device_mesh, p.placements)
+        for opt in (single_opt, owner_opt, sharded_opt):
+            opt.step()
+
+    def full(t):
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    def same(model, opt):
+        ref_state = {n: single_opt.state[p] for n, p in single.named_parameters()}
+        ref = dict(single.named_parameters())
+        out = {}
+        for n, p in model.named_parameters():
+            st = opt.state[p]
+            out[n] = [
+                torch.equal(full(p.detach()), ref[n].detach()),
+                sorted(st) == sorted(ref_state[n]),
+                all(torch.equal(full(st[k]), ref_state[n][k]) for k in ref_state[n]),
+            ]
+        return out
+
+    return {
+        "owner": same(owner, owner_opt),
+        "fsdp": same(sharded, sharded_opt),
+        "owner_keys": _state_keys(owner, owner_opt),
+        "fsdp_keys": _state_keys(sharded, sharded_opt),
+        "v_is_dtensor": type(sharded_opt.state[sharded.qkv]["normuon_v"]).__name__,
+        "v_moved": all(bool(single_opt.state[p]["normuon_v"].min() > 0)
+                       for p in (single.qkv, single.plain, single.stack)),
+    }
+
+
+def blocks_refusals(rank, world, tmp):
+    """What the distributed step still refuses, on every rank, before any state changes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    errors = {}
+    p = nn.Parameter(torch.randn(8, 6))
+    try:
+        Muon([p], split_sizes=(3, 3), split_dim=1, distributed_mode="owner")
+    except NotImplementedError as exc:
+        errors["split_dim"] = str(exc)
+    model = U.make_model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = Muon([model.experts], **U.HYPER, normuon=True)  # experts: Shard(0), whole matrices
+    model.experts.grad = torch.zeros_like(model.experts)
+    try:
+        opt.step()
+    except NotImplementedError as exc:
+        errors["experts"] = str(exc)
+    errors["state"] = len(opt.state)
+    return errors
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
         same_grads_bit_identical,
+        blocks_normuon_bit_identical,
+        blocks_refusals,
         ddp_owner,
         fsdp,
         fsdp_shard_local,
@@ -463,6 +573,26 @@ def test_same_gradients_give_the_single_process_step_bit_for_bit(results, world)
     for m in U.rank_metrics(results, world, "same_grads_bit_identical"):
         keys = ("owner_params", "owner_momentum", "fsdp_params", "fsdp_momentum")
         assert all(m[k] is True for k in keys), m
+
+
+@worlds
+def test_blocks_and_normuon_give_the_single_process_step_bit_for_bit(results, world):
+    for m in U.rank_metrics(results, world, "blocks_normuon_bit_identical"):
+        for mode in ("owner", "fsdp"):
+            bad = {n: r for n, r in m[mode].items() if r != [True, True, True]}
+            assert not bad, (mode, bad)  # [param, state keys, state values] per param
+            keys = m[f"{mode}_keys"]
+            assert all(k == keys[0] for k in keys), keys
+        assert m["v_is_dtensor"] == "DTensor"  # FSDP2: v sharded like the param
+        assert m["v_moved"]  # NorMuon really ran (every row's v left 0)
+
+
+@worlds
+def test_distributed_step_refuses_column_blocks_and_normuon_expert_shards(results, world):
+    for m in U.rank_metrics(results, world, "blocks_refusals"):
+        assert "split_dim=1 (column blocks)" in m["split_dim"], m
+        assert "normuon=True is not supported" in m["experts"], m
+        assert m["state"] == 0, m  # refused before any state was made
 
 
 @worlds
