@@ -15,6 +15,8 @@ orthogonalized exactly once per step, on one *owner* rank, wherever its data liv
   rank updates every momentum buffer (cheap, and the optimizer state stays independent of
   the rank), orthogonalizes only the matrices it owns, and one ``all_gather_single`` per
   shape bucket hands everyone the results; every rank then applies the same update.
+* Matrix blocks (``num_heads`` / ``split_sizes``, rows only) and NorMuon work in both modes:
+  NOTE: [Distributed matrix blocks] and NOTE: [Distributed NorMuon].
 * Any other DTensor layout (several sharded mesh dims, e.g. FSDP2 + tensor parallel) falls
   back to ``full_tensor()`` on every rank: correct, but every rank does all the work.
 

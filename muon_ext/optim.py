@@ -273,7 +273,8 @@ class Muon(Optimizer):
       ``split_dim`` (0: rows, the default; 1: columns) into blocks that are matrices of their
       own (fused q/k/v projections). With both, each block is cut into H heads along
       ``split_dim``. Each matrix gets the lr scale of its own shape. 2-D params only; the
-      momentum buffer stays param-shaped. Not supported by the distributed step.
+      momentum buffer stays param-shaped. The distributed step takes row blocks
+      (``split_dim=0``) and refuses column blocks (NOTE: [Distributed matrix blocks]).
     * ``rms_target`` (keyword-only group hyperparameter, checkpointed, default 0.2 as in torch):
       the constant of ``adjust_lr_fn="match_rms_adamw"`` (scale ``rms_target·sqrt(max(rows,
       cols))``); the other rules ignore it.
@@ -282,8 +283,8 @@ class Muon(Optimizer):
       ``"normuon_v"``, float32, one entry per row of each matrix: NOTE: [NorMuon state] in
       ``muon_ext.reference``) with decay ``normuon_beta2`` (0.95) and ``normuon_eps`` (1e-8),
       then restores the matrix's Frobenius norm, before the lr rule and weight decay. Rows are
-      those of each matrix: per head, per block, per expert. Not supported by the distributed
-      step yet.
+      those of each matrix: per head, per block, per expert. Under the distributed step v is
+      replicated (owner mode) or a Shard(0) DTensor (FSDP2): NOTE: [Distributed NorMuon].
     """
 
     _step_supports_amp_scaling = True
