@@ -440,10 +440,29 @@ def _block_groups(model: BlockNet) -> list[dict]:
     ]
 
 
+def _resumed(model, opt, dcp_path=None, **kwargs):
+    """A fresh optimizer loaded from ``opt``'s checkpoint: its state_dict, or with dcp_path a
+    torch.distributed.checkpoint round trip (FSDP2)."""
+    fresh = Muon(_block_groups(model), **U.HYPER, **kwargs)
+    if dcp_path is None:
+        fresh.load_state_dict(opt.state_dict())
+        return fresh
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_state_dict
+
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=dcp_path)
+    opt.zero_grad(set_to_none=True)  # else the fresh optimizer's zero step would not run
+    loaded = {"optim": get_optimizer_state_dict(model, fresh)}  # a zero step makes its state
+    dcp.load(loaded, checkpoint_id=dcp_path)
+    set_state_dict(model, fresh, model_state_dict={}, optim_state_dict=loaded["optim"])
+    return fresh
+
+
 def blocks_normuon_bit_identical(rank, world, tmp):
     """num_heads, split_sizes (row blocks) and NorMuon given exactly the single process's
     gradients: DDP owner mode and FSDP2 reproduce the single-process fused step bit for bit,
-    params, momentum and NorMuon's v; every rank holds the same state keys."""
+    params, momentum and NorMuon's v, also after resuming from a checkpoint (state_dict; DCP
+    for FSDP2) before the last step; every rank holds the same state keys."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard, distribute_tensor
@@ -458,6 +477,9 @@ def blocks_normuon_bit_identical(rank, world, tmp):
                 shard_placement_fn=lambda p: Shard(1) if p in cols else None)
     sharded_opt = Muon(_block_groups(sharded), **U.HYPER)
     for step in range(U.STEPS):
+        if step == U.STEPS - 1:  # the last step resumes both from checkpoints
+            owner_opt = _resumed(owner, owner_opt, distributed_mode="owner")
+            sharded_opt = _resumed(sharded, sharded_opt, dcp_path=os.path.join(tmp, "blocks"))
         gen = torch.Generator().manual_seed(U.SEED + 200 + step)
         g = {n: torch.randn(p.shape, generator=gen) for n, p in single.named_parameters()}
         for model in (single, owner):
