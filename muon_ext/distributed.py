@@ -822,16 +822,22 @@ def _normuon(route: str, x: Tensor, shapes: list[int], vs: list[Tensor], sc: _Sc
             None if sc.found_inf is None else scalar_on(sc.found_inf, x.device),
         )
         return
-    # Elsewhere with ATen ops (the formula, not the fused kernels' floats).
-    if sc.found_inf is not None and bool(sc.found_inf.reshape(-1)[0] != 0):
-        return
+    # Elsewhere with ATen ops (the formula, not the fused kernels' floats); found_inf is not
+    # read on the host: a set flag selects the old x and v.
+    skip = None if sc.found_inf is None else scalar_on(sc.found_inf, x.device).reshape(()) != 0
     offset = 0
     for k, v in zip(range(0, len(shapes), 3), vs):
         batch, rows, cols = shapes[k : k + 3]
         seg = x[offset : offset + batch * rows * cols].view(batch, rows, cols)
         offset += seg.numel()
-        if seg.numel():
-            seg.copy_(normuon_(seg, v.view(batch, rows), sc.normuon_beta2, sc.normuon_eps))
+        if not seg.numel():
+            continue
+        v2 = v.view(batch, rows).clone()
+        out = normuon_(seg, v2, sc.normuon_beta2, sc.normuon_eps)
+        if skip is not None:
+            out, v2 = torch.where(skip, seg, out), torch.where(skip, v.view(batch, rows), v2)
+        seg.copy_(out)
+        v.view(batch, rows).copy_(v2)
 
 
 def _update(route: str, params, x: Tensor, scales: list[float], sc: _Scalars) -> None:
