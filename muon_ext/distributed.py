@@ -189,6 +189,7 @@ class _Unit:
     rows_of: tuple[int, int] | None = None  # a block of a whole param: its rows [lo, hi)
     pieces: list[tuple[int, int, float]] | None = None  # _SHARDED blocks: (lo, hi, scale) rows
     v_numel: int = 0  # NorMuon: entries of the param's v (normuon_rows), 0 with NorMuon off
+    v_local: Any = None  # NorMuon: this rank's (entries, placements) of v (_v_layout)
 
     @property
     def tall(self) -> bool:
@@ -758,30 +759,47 @@ def _normuon_v(st: dict, u: _Unit) -> Tensor:
     """The param's NorMuon v (its local tensor for a DTensor), created as zeros on first use."""
     from .optim import NORMUON_STATE_KEY
 
+    if u.v_local is None:
+        u.v_local = _v_layout(u)
+    size, placements = u.v_local
     v = st.get(NORMUON_STATE_KEY)
     if v is None:
         p = u.param
-        dtype = momentum_dtype(p)
-        if u.placements is None:
-            v = torch.zeros(u.v_numel, dtype=dtype, device=p.device)
+        local = torch.zeros(size, dtype=momentum_dtype(p), device=u.local.device)
+        if placements is None:
+            v = local
         else:
-            from torch.distributed.tensor import DTensor, Shard
+            from torch.distributed.tensor import DTensor
 
-            mesh = p.device_mesh  # type: ignore[attr-defined]
-            size = u.v_numel
-            placements = []
-            for k, pl in enumerate(u.placements):
-                if pl.is_replicate():
-                    placements.append(pl)
-                    continue
-                placements.append(Shard(0))
-                size = _chunk_sizes(u.v_numel, mesh.size(k))[mesh.get_local_rank(k)]
-            v = DTensor.from_local(
-                torch.zeros(size, dtype=dtype, device=u.local.device), mesh, placements,
-                run_check=False, shape=(u.v_numel,), stride=(1,),
-            )
+            v = DTensor.from_local(local, p.device_mesh, placements,  # type: ignore[attr-defined]
+                                   run_check=False, shape=(u.v_numel,), stride=(1,))
         st[NORMUON_STATE_KEY] = v
-    return _local(v)
+    local = _local(v)
+    if local.numel() != size:
+        raise RuntimeError(
+            f"Muon: {NORMUON_STATE_KEY} of param_groups[{u.group_index}]['params'][{u.pos}] has "
+            f"{local.numel()} local entries on this rank, expected {size} (a DTensor like its "
+            "param: load FSDP2 checkpoints through torch.distributed.checkpoint)"
+        )
+    return local
+
+
+def _v_layout(u: _Unit) -> tuple[int, list | None]:
+    """This rank's number of entries of a param's v, and its placements (None: a plain tensor):
+    Shard(0) of the flat vector where the param is sharded, replicated where it is."""
+    if u.placements is None:
+        return u.v_numel, None
+    from torch.distributed.tensor import Shard
+
+    mesh = u.param.device_mesh  # type: ignore[attr-defined]
+    size, placements = u.v_numel, []
+    for k, pl in enumerate(u.placements):
+        if pl.is_replicate():
+            placements.append(pl)
+        else:
+            placements.append(Shard(0))
+            size = _chunk_sizes(u.v_numel, mesh.size(k))[mesh.get_local_rank(k)]
+    return size, placements
 
 
 def _momentum(route: str, grads, bufs, sc: _Scalars, out: Tensor) -> None:
