@@ -502,7 +502,8 @@ def test_hybrid_refuses_block_settings_on_adamw_groups():
 
 def test_distributed_step_refuses_column_blocks():
     p = nn.Parameter(torch.randn(8, 8))
-    with pytest.raises(NotImplementedError, match=r"param_groups\[0\] sets split_dim=1.*distributed"):
+    with pytest.raises(NotImplementedError,
+                       match=r"param_groups\[0\] sets split_dim=1.*distributed"):
         Muon([p], num_heads=2, split_dim=1, distributed_mode="owner")
     with pytest.raises(NotImplementedError, match=r"sets split_dim=1 \(column blocks\)"):
         MuonWithAdamW([{"params": [p], "use_muon": True, "split_sizes": (4, 4), "split_dim": 1}],
