@@ -517,6 +517,53 @@ def blocks_normuon_bit_identical(rank, world, tmp):
     }
 
 
+def dtensor_layouts_blocks(rank, world, tmp):
+    """Row blocks and NorMuon on hand-made layouts (uneven Shard(1), Shard(0) with empty
+    shards, HSDP-like Replicate + Shard(0)): bit for bit with plain tensors given the same
+    grads; the gather fallback refuses them on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("outer", "inner"))
+    layouts = [
+        ((13, 5), mesh, [Shard(1)], {"split_sizes": (8, 5), "normuon": True}),
+        ((2, 9), mesh, [Shard(0)], {"normuon": True}),
+        ((9, 4), mesh2, [Replicate(), Shard(0)],
+         {"split_sizes": (3, 6), "num_heads": 3, "normuon": True}),
+    ]
+    g = torch.Generator().manual_seed(U.SEED + 3)
+    fulls = [torch.randn(shape, generator=g) for shape, _, _, _ in layouts]
+    plain = [nn.Parameter(t.clone()) for t in fulls]
+    dts = [
+        nn.Parameter(distribute_tensor(t.clone(), m, pl, src_data_rank=None))
+        for t, (_, m, pl, _) in zip(fulls, layouts)
+    ]
+    ref_opt = Muon([{"params": [p], **kw} for p, (*_, kw) in zip(plain, layouts)], **U.HYPER)
+    opt = Muon([{"params": [p], **kw} for p, (*_, kw) in zip(dts, layouts)], **U.HYPER)
+    for _ in range(U.STEPS):
+        grads = [torch.randn(t.shape, generator=g) for t in fulls]
+        for p, q, gr, (_, m, pl, _) in zip(plain, dts, grads, layouts):
+            p.grad = gr.clone()
+            q.grad = distribute_tensor(gr.clone(), m, pl, src_data_rank=None)
+        ref_opt.step()
+        opt.step()
+    same = [
+        torch.equal(q.detach().full_tensor(), p.detach())
+        and torch.equal(opt.state[q]["normuon_v"].full_tensor(), ref_opt.state[p]["normuon_v"])
+        for p, q in zip(plain, dts)
+    ]
+    gathered = nn.Parameter(distribute_tensor(torch.randn(6, 9), mesh2, [Shard(1), Shard(0)],
+                                              src_data_rank=None))
+    gathered.grad = torch.zeros_like(gathered)
+    try:
+        Muon([gathered], num_heads=3, **U.HYPER).step()
+        refused = ""
+    except NotImplementedError as exc:
+        refused = str(exc)
+    return {"same": same, "refused": refused}
+
+
 def blocks_refusals(rank, world, tmp):
     """What the distributed step still refuses, on every rank, before any state changes."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -545,6 +592,7 @@ SCENARIOS = {
     for f in (
         same_grads_bit_identical,
         blocks_normuon_bit_identical,
+        dtensor_layouts_blocks,
         blocks_refusals,
         ddp_owner,
         fsdp,
@@ -607,6 +655,13 @@ def test_blocks_and_normuon_give_the_single_process_step_bit_for_bit(results, wo
             assert all(k == keys[0] for k in keys), keys
         assert m["v_is_dtensor"] == "DTensor"  # FSDP2: v sharded like the param
         assert m["v_moved"]  # NorMuon really ran (every row's v left 0)
+
+
+@worlds
+def test_blocks_and_normuon_on_hand_made_layouts(results, world):
+    for m in U.rank_metrics(results, world, "dtensor_layouts_blocks"):
+        assert m["same"] == [True, True, True], m
+        assert "num_heads / split_sizes is not supported there" in m["refused"], m
 
 
 @worlds
