@@ -56,6 +56,7 @@ from .coefficients import (
 )
 from .dispatch import lr_tensor, momentum_dtype, scalar_on, takes_fused_step
 from .reference import (
+    block_view,
     copy_blocks_packed_,
     momentum_packed_,
     normuon_,
@@ -186,7 +187,9 @@ class _Unit:
     state_of: Any = None
     # Matrix blocks and NorMuon (NOTE: [Distributed matrix blocks]):
     shapes: list[tuple[int, int, int]] = field(default_factory=list)  # its matrices, in order
-    rows_of: tuple[int, int] | None = None  # a block of a whole param: its rows [lo, hi)
+    rows_of: tuple[int, int] | None = None  # a row block of a whole param: its rows [lo, hi)
+    column_block: Any = None  # a column block (MatrixBlock) of a whole param: stepped on copies
+    v_of: tuple[int, int] | None = None  # a block of a whole param: its entries of the v
     pieces: list[tuple[int, int, float]] | None = None  # _SHARDED blocks: (lo, hi, scale) rows
     v_numel: int = 0  # NorMuon: entries of the param's v (normuon_rows), 0 with NorMuon off
     v_local: Any = None  # NorMuon: this rank's (entries, placements) of v (_v_layout)
@@ -360,8 +363,12 @@ def _make_unit(
 #   may share a call of the phase ops), and U packs them in order, exactly as the whole shard.
 # * A param whose local tensor is the whole param (_LOCAL, _REPLICATED in owner mode) becomes
 #   one unit per block (rows_of: its rows), in the bucket of the block's own shape, so owners
-#   and their FLOP balance are per block, like separate params.
-# Column blocks (split_dim=1) would need strided gathers of each block; they are refused.
+#   and their FLOP balance are per block, like separate params. Column blocks (split_dim=1)
+#   of such params are units too (column_block): strided, they are stepped on contiguous
+#   (heads, rows, w) copies of the param, grad and momentum block, and the param and momentum
+#   copies are written back after the step, as the single-process step does.
+# Column blocks of a param sharded among ranks (FSDP2) would need strided gathers of each
+# block on the owner and per-block scales on strided pieces of each shard; they are refused.
 # NorMuon: NOTE: [Distributed NorMuon].
 def _make_units(
     index: int, pos: int, p: Tensor, group: dict[str, Any], owner: bool, default_pg: Any
@@ -376,7 +383,7 @@ def _make_units(
         return [unit]
     split_dim = group.get("split_dim", 0)
     where = f"param_groups[{index}]['params'][{pos}]"
-    if blocked and split_dim != 0:
+    if blocked and split_dim != 0 and unit.kind == _SHARDED:
         raise NotImplementedError(_SPLIT_DIM_1.format(where=where))
     setting = "num_heads / split_sizes" if blocked else "normuon=True"
     if unit.kind == _GATHER:
@@ -412,20 +419,24 @@ def _make_units(
             if max(lo, b.start) < min(hi, b.start + b.size)
         ]
         return [unit]
-    return [
-        replace(
-            unit, batch=b, rows=r, cols=c, local_batch=b, scale=scale, shapes=[(b, r, c)],
-            rows_of=(block.start, block.start + block.size),
-            local=unit.local[block.start : block.start + block.size],
-        )
-        for block, (b, r, c), scale in zip(blocks, shapes, scales)
-    ]
+    units, v_start = [], 0
+    for block, (b, r, c), scale in zip(blocks, shapes, scales):
+        sub = replace(unit, batch=b, rows=r, cols=c, local_batch=b, scale=scale, shapes=[(b, r, c)],
+                      v_of=(v_start, v_start + b * r))
+        v_start += b * r
+        if split_dim == 0:
+            sub.rows_of = (block.start, block.start + block.size)
+            sub.local = unit.local[block.start : block.start + block.size]
+        else:
+            sub.column_block, sub.local = block, block_view(unit.local, block)
+        units.append(sub)
+    return units
 
 
 _SPLIT_DIM_1 = (
-    "Muon: {where} has split_sizes with split_dim=1 (column blocks), which the distributed step "
-    "(FSDP2 DTensor params or distributed_mode='owner') does not support yet; use row blocks "
-    "(split_dim=0), or step such params without the distributed step"
+    "Muon: {where} is sharded among ranks and its group sets split_dim=1 (column blocks), which "
+    "the distributed step supports for whole (replicated or local) params only, not yet for "
+    "sharded ones; use row blocks (split_dim=0), or shard it so that each rank holds it whole"
 )
 
 
@@ -699,20 +710,23 @@ def _step_group(
         normuon_beta2=group.get("normuon_beta2", 0.95), normuon_eps=group.get("normuon_eps", 1e-8),
     )
     state = optimizer.state
-    tensors = {u: _unit_tensors(state, u, sc.normuon) for u in units}
+    write_back: list[tuple[Tensor, Tensor]] = []
+    tensors = {u: _unit_tensors(state, u, sc.normuon, write_back) for u in units}
     for b in rt.plan(layout, units, len(schedule)):
         _step_bucket(rt, b, tensors, sc)
+    for dst, src in write_back:  # column blocks (unchanged copies when found_inf is set)
+        dst.copy_(src)
     for u in units:
         if u.kind == _GATHER:
             _step_gathered(rt, u, tensors[u][0][0], sc)
 
 
 def _unit_tensors(
-    state: dict, u: _Unit, normuon: bool
+    state: dict, u: _Unit, normuon: bool, write_back: list[tuple[Tensor, Tensor]]
 ) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor | None]:
     """This rank's (param, grad, momentum) of a unit, one triple per piece (NOTE: [Distributed
     matrix blocks]), and its NorMuon v (None with NorMuon off), creating zero state on first
-    use."""
+    use. Copies (column blocks) add their (destination, copy) pairs to ``write_back``."""
     p = u.param
     if u.state_of is not state:  # the param's state dict, looked up once per optimizer.state
         u.state, u.state_of = state[p], state  # (load_state_dict makes a new one)
@@ -730,9 +744,18 @@ def _unit_tensors(
     g = g if g.is_contiguous() else g.contiguous()
     m = _local(buf)
     v = _normuon_v(st, u) if normuon else None
+    if u.v_of is not None and v is not None:
+        v = v[u.v_of[0] : u.v_of[1]]
     if u.rows_of is not None:
         lo, hi = u.rows_of
-        return [(u.local, g[lo:hi], m[lo:hi])], None if v is None else v[lo:hi]
+        return [(u.local, g[lo:hi], m[lo:hi])], v
+    if u.column_block is not None:  # copies, written back by _step_group
+        m_block = block_view(m, u.column_block)
+        copies = (u.local.contiguous(), block_view(g, u.column_block).contiguous(),
+                  m_block.contiguous())
+        write_back.append((u.local, copies[0]))
+        write_back.append((m_block, copies[2]))
+        return [copies], v
     if u.pieces is not None:
         return [(u.local[lo:hi], g[lo:hi], m[lo:hi]) for lo, hi, _ in u.pieces], v
     return [(u.local, g, m)], v

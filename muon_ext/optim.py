@@ -273,8 +273,8 @@ class Muon(Optimizer):
       ``split_dim`` (0: rows, the default; 1: columns) into blocks that are matrices of their
       own (fused q/k/v projections). With both, each block is cut into H heads along
       ``split_dim``. Each matrix gets the lr scale of its own shape. 2-D params only; the
-      momentum buffer stays param-shaped. The distributed step takes row blocks
-      (``split_dim=0``) and refuses column blocks (NOTE: [Distributed matrix blocks]).
+      momentum buffer stays param-shaped. The distributed step takes row blocks, and column
+      blocks of params each rank holds whole (NOTE: [Distributed matrix blocks]).
     * ``rms_target`` (keyword-only group hyperparameter, checkpointed, default 0.2 as in torch):
       the constant of ``adjust_lr_fn="match_rms_adamw"`` (scale ``rms_target·sqrt(max(rows,
       cols))``); the other rules ignore it.
@@ -345,7 +345,6 @@ class Muon(Optimizer):
         try:
             _validate_hyperparameters(group, where=f"param_groups[{index}]")
             _validate_params(group, index)
-            _refuse_distributed_blocks(self, group, index)
         except Exception:
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
@@ -444,7 +443,6 @@ class Muon(Optimizer):
         """
         _validate_hyperparameters(group, where=f"param_groups[{index}]", check_tensor_value=False)
         self._pending.pop(index, None)
-        _refuse_distributed_blocks(self, group, index)
         if torch.compiler.is_compiling():
             self._check_params_for_step(group, index)
             return
@@ -1105,22 +1103,6 @@ def _validate_hyperparameters(
     nu_eps = group.get("normuon_eps", 1e-8)
     if not _is_real(nu_eps) or not (math.isfinite(nu_eps) and nu_eps > 0.0):
         raise ValueError(f"{where}: normuon_eps must be a finite number > 0, got {nu_eps!r}")
-
-
-def _refuse_distributed_blocks(optimizer: Any, group: dict[str, Any], index: int) -> None:
-    """The distributed step (FSDP2 DTensor params, distributed_mode="owner") takes row blocks
-    and NorMuon (NOTE: [Distributed matrix blocks] in muon_ext/distributed.py) but not column
-    blocks: a group that sets them is refused there rather than stepped some other way."""
-    if not _distributed.wanted(optimizer, group):
-        return
-    if not blocking_requested(group.get("num_heads"), group.get("split_sizes")):
-        return
-    if group.get("split_dim", 0) != 0:
-        raise NotImplementedError(
-            f"param_groups[{index}] sets split_dim={group['split_dim']!r} (column blocks), which "
-            "the distributed step (FSDP2 DTensor params or distributed_mode='owner') does not "
-            "support yet; use row blocks (split_dim=0) for such groups"
-        )
 
 
 def _validate_params(group: dict[str, Any], index: int) -> None:
