@@ -191,6 +191,7 @@ class _Unit:
     column_block: Any = None  # a column block (MatrixBlock) of a whole param: stepped on copies
     v_of: tuple[int, int] | None = None  # a block of a whole param: its entries of the v
     pieces: list[tuple[int, int, float]] | None = None  # _SHARDED blocks: (lo, hi, scale) rows
+    column_blocks: Any = None  # _SHARDED column blocks: the MatrixBlocks (pieces are columns)
     v_numel: int = 0  # NorMuon: entries of the param's v (normuon_rows), 0 with NorMuon off
     v_local: Any = None  # NorMuon: this rank's (entries, placements) of v (_v_layout)
 
@@ -352,23 +353,26 @@ def _make_unit(
 
 
 # NOTE: [Distributed matrix blocks]
-# num_heads / split_sizes with split_dim=0 cut a 2-D param into row blocks, each a (heads, d,
-# cols) stack with its own update scale (NOTE: [Matrix blocks] in muon_ext/optim.py); the rows
-# of a contiguous param-shaped buffer then hold its blocks one after another, each row-major.
+# num_heads / split_sizes cut a 2-D param into blocks, each a (heads, rows, cols) stack with its
+# own update scale (NOTE: [Matrix blocks] in muon_ext/optim.py). With split_dim=0 (row blocks)
+# the rows of a contiguous param-shaped buffer hold the blocks one after another, each
+# row-major.
 # * A param that goes whole to one owner (_SHARDED, FSDP2) stays one unit: its reassembled
 #   buffer contributes its blocks' shapes to the owner's orthogonalize call (the op buckets
-#   them), and its local shard is stepped as `pieces`, row ranges of the local tensor (the
-#   shard's rows intersected with each block, made once per layout), each with its block's
-#   scale: muon_momentum_ and muon_update_ take these row views (disjoint views of one storage
+#   them), and its local shard is stepped as `pieces`, ranges of the local tensor (the shard
+#   intersected with each block, made once per layout), each with its block's scale. Row
+#   pieces are views: muon_momentum_ and muon_update_ take them (disjoint views of one storage
 #   may share a call of the phase ops), and U packs them in order, exactly as the whole shard.
+#   Column pieces (split_dim=1) are strided: they are stepped on contiguous copies, written
+#   back after the step, and the owner's tables (_shard_blocks) put each piece's head columns
+#   straight into a whole buffer that holds the blocks one after another, each a contiguous
+#   (heads, rows, w) stack, and take them back from there.
 # * A param whose local tensor is the whole param (_LOCAL, _REPLICATED in owner mode) becomes
 #   one unit per block (rows_of: its rows), in the bucket of the block's own shape, so owners
 #   and their FLOP balance are per block, like separate params. Column blocks (split_dim=1)
 #   of such params are units too (column_block): strided, they are stepped on contiguous
 #   (heads, rows, w) copies of the param, grad and momentum block, and the param and momentum
 #   copies are written back after the step, as the single-process step does.
-# Column blocks of a param sharded among ranks (FSDP2) would need strided gathers of each
-# block on the owner and per-block scales on strided pieces of each shard; they are refused.
 # NorMuon: NOTE: [Distributed NorMuon].
 def _make_units(
     index: int, pos: int, p: Tensor, group: dict[str, Any], owner: bool, default_pg: Any
@@ -383,8 +387,6 @@ def _make_units(
         return [unit]
     split_dim = group.get("split_dim", 0)
     where = f"param_groups[{index}]['params'][{pos}]"
-    if blocked and split_dim != 0 and unit.kind == _SHARDED:
-        raise NotImplementedError(_SPLIT_DIM_1.format(where=where))
     setting = "num_heads / split_sizes" if blocked else "normuon=True"
     if unit.kind == _GATHER:
         raise NotImplementedError(
@@ -409,10 +411,12 @@ def _make_units(
         # Bucketed by its largest block (any key works: the owner's op buckets the shapes).
         unit.batch, unit.rows, unit.cols = max(shapes, key=lambda s: (ns_flops(s[1], s[2], 1), s))
         unit.shapes = shapes
-        lo, hi = 0, p.shape[0]
-        if unit.shard_dim == 0:
+        lo, hi = 0, p.shape[split_dim]
+        if unit.shard_dim == split_dim:
             lo = sum(unit.chunks[: unit.rank])
             hi = lo + unit.chunks[unit.rank]
+        if split_dim == 1:
+            unit.column_blocks = blocks
         unit.pieces = [
             (max(lo, b.start) - lo, min(hi, b.start + b.size) - lo, scale)
             for b, scale in zip(blocks, scales)
@@ -431,13 +435,6 @@ def _make_units(
             sub.column_block, sub.local = block, block_view(unit.local, block)
         units.append(sub)
     return units
-
-
-_SPLIT_DIM_1 = (
-    "Muon: {where} is sharded among ranks and its group sets split_dim=1 (column blocks), which "
-    "the distributed step supports for whole (replicated or local) params only, not yet for "
-    "sharded ones; use row blocks (split_dim=0), or shard it so that each rank holds it whole"
-)
 
 
 def _dtensor_kind(unit: _Unit, owner: bool) -> None:
@@ -756,6 +753,15 @@ def _unit_tensors(
         write_back.append((u.local, copies[0]))
         write_back.append((m_block, copies[2]))
         return [copies], v
+    if u.column_blocks is not None:  # column pieces of the shard: copies, written back
+        out = []
+        for lo, hi, _ in u.pieces:  # type: ignore[union-attr]
+            copies = (u.local[:, lo:hi].contiguous(), g[:, lo:hi].contiguous(),
+                      m[:, lo:hi].contiguous())
+            write_back.append((u.local[:, lo:hi], copies[0]))
+            write_back.append((m[:, lo:hi], copies[2]))
+            out.append(copies)
+        return out, v
     if u.pieces is not None:
         return [(u.local[lo:hi], g[lo:hi], m[lo:hi]) for lo, hi, _ in u.pieces], v
     return [(u.local, g, m)], v
@@ -1035,6 +1041,38 @@ def _shard_block(u: _Unit, rank: int) -> tuple[int, int, int, int]:
     return start * inner, shape[d] * inner, outer, u.chunks[rank] * inner
 
 
+def _shard_blocks(u: _Unit, rank: int) -> list[tuple[int, ...]]:
+    """How rank ``rank``'s packed shard of ``u`` maps into the owner's whole buffer: 2-D blocks
+    (shard offset, shard stride, whole offset, whole stride, rows, width). The whole buffer is
+    the param-shaped tensor, or with column blocks the blocks one after another, each a
+    contiguous (heads, rows, w) stack, and the shard is packed as its column pieces in order
+    (NOTE: [Distributed matrix blocks])."""
+    if u.column_blocks is None:
+        off, stride, rows, width = _shard_block(u, rank)
+        return [(0, width, off, stride, rows, width)] if rows * width else []
+    total_rows, total_cols = u.param.shape
+    start = sum(u.chunks[:rank])
+    r0, nr, c0, c1 = 0, total_rows, 0, total_cols
+    if u.shard_dim == 0:
+        r0, nr = start, u.chunks[rank]
+    else:
+        c0, c1 = start, start + u.chunks[rank]
+    out, piece = [], 0
+    for blk in u.column_blocks:
+        a, z = max(c0, blk.start), min(c1, blk.start + blk.size)
+        if a >= z:
+            continue
+        w = blk.size // blk.heads
+        for h in range(blk.heads):
+            x0, x1 = max(a, blk.start + h * w), min(z, blk.start + (h + 1) * w)
+            if x0 < x1 and nr:
+                out.append((piece + x0 - a, z - a,
+                            total_rows * blk.start + (h * total_rows + r0) * w
+                            + x0 - blk.start - h * w, w, nr, x1 - x0))
+        piece += nr * (z - a)
+    return out
+
+
 def _make_tables(b: _Bucket) -> _Tables:
     t = _Tables()
     local = [u for u in b.local if u.kind == _LOCAL and u.local_batch]
@@ -1089,19 +1127,17 @@ def _make_tables(b: _Bucket) -> _Tables:
         src = 0
         for s in range(b.world):  # received: per source rank, its shard of each unit I own
             for u, whole_base in zip(mine, bases):
-                off, stride, rows, width = _shard_block(u, s)
-                if rows * width:
-                    t.unpack_blocks += [src, width, whole_base + off, stride, rows, width]
-                src += rows * width
+                for so, ss, wo, ws, rows, width in _shard_blocks(u, s):
+                    t.unpack_blocks += [src + so, ss, whole_base + wo, ws, rows, width]
+                src += u.local_numel(s)
         dst = 0
         t.send2_splits = []
         for r in range(b.world):  # to each rank, its shard of each unit I own
             start = dst
             for u, whole_base in zip(mine, bases):
-                off, stride, rows, width = _shard_block(u, r)
-                if rows * width:
-                    t.pack_blocks += [whole_base + off, stride, dst, width, rows, width]
-                dst += rows * width
+                for so, ss, wo, ws, rows, width in _shard_blocks(u, r):
+                    t.pack_blocks += [whole_base + wo, ws, dst + so, ss, rows, width]
+                dst += u.local_numel(r)
             t.send2_splits.append(dst - start)
         if any(u.v_numel for u in b.sharded):
             _v_tables(t, b, mine)

@@ -273,8 +273,8 @@ class Muon(Optimizer):
       ``split_dim`` (0: rows, the default; 1: columns) into blocks that are matrices of their
       own (fused q/k/v projections). With both, each block is cut into H heads along
       ``split_dim``. Each matrix gets the lr scale of its own shape. 2-D params only; the
-      momentum buffer stays param-shaped. The distributed step takes row blocks, and column
-      blocks of params each rank holds whole (NOTE: [Distributed matrix blocks]).
+      momentum buffer stays param-shaped. The distributed step takes them too (NOTE:
+      [Distributed matrix blocks]).
     * ``rms_target`` (keyword-only group hyperparameter, checkpointed, default 0.2 as in torch):
       the constant of ``adjust_lr_fn="match_rms_adamw"`` (scale ``rms_target·sqrt(max(rows,
       cols))``); the other rules ignore it.

@@ -428,14 +428,15 @@ class BlockNet(nn.Module):
         self.plain = param(9, 5)  # NorMuon
         self.wide = param(4, 9)  # NorMuon
         self.stack = param(3, 6, 5)  # NorMuon; Shard(1) under FSDP2 (even: FSDP2 needs it)
-        self.c_attn = param(6, 12)  # column blocks (4, 4, 4) x 2 heads, NorMuon; owner mode only
+        self.c_attn = param(6, 12)  # column blocks (4, 4, 4) x 2 heads, NorMuon
+        self.c_cols = param(5, 12)  # column blocks (6, 6) x 2 heads; Shard(1) (cuts a head at 3)
 
 
-def _block_groups(model: BlockNet, columns: bool = True) -> list[dict]:
-    """Column blocks only with columns=True: the distributed step refuses them on sharded params."""
-    extra = [{"params": [model.c_attn], "split_sizes": (4, 4, 4), "split_dim": 1, "num_heads": 2,
-              "normuon": True}] if columns else []
-    return extra + [
+def _block_groups(model: BlockNet) -> list[dict]:
+    return [
+        {"params": [model.c_attn], "split_sizes": (4, 4, 4), "split_dim": 1, "num_heads": 2,
+         "normuon": True},
+        {"params": [model.c_cols], "split_sizes": (6, 6), "split_dim": 1, "num_heads": 2},
         {"params": [model.heads, model.heads_cols], "num_heads": 2},
         {"params": [model.qkv], "split_sizes": (8, 4, 2), "num_heads": 2, "normuon": True,
          "normuon_beta2": 0.9},
@@ -446,8 +447,8 @@ def _block_groups(model: BlockNet, columns: bool = True) -> list[dict]:
 
 def _resumed(model, opt, dcp_path=None, **kwargs):
     """A fresh optimizer loaded from ``opt``'s checkpoint: its state_dict, or with dcp_path a
-    torch.distributed.checkpoint round trip (FSDP2, no column blocks)."""
-    fresh = Muon(_block_groups(model, columns=dcp_path is None), **U.HYPER, **kwargs)
+    torch.distributed.checkpoint round trip (FSDP2)."""
+    fresh = Muon(_block_groups(model), **U.HYPER, **kwargs)
     if dcp_path is None:
         fresh.load_state_dict(opt.state_dict())
         return fresh
@@ -463,8 +464,8 @@ def _resumed(model, opt, dcp_path=None, **kwargs):
 
 
 def blocks_normuon_bit_identical(rank, world, tmp):
-    """num_heads, split_sizes (row blocks; column blocks in owner mode) and NorMuon given
-    exactly the single process's
+    """num_heads, split_sizes (row and column blocks) and NorMuon given exactly the single
+    process's
     gradients: DDP owner mode and FSDP2 reproduce the single-process fused step bit for bit,
     params, momentum and NorMuon's v, also after resuming from a checkpoint (state_dict; DCP
     for FSDP2) before the last step; every rank holds the same state keys."""
@@ -477,10 +478,10 @@ def blocks_normuon_bit_identical(rank, world, tmp):
     owner = BlockNet()
     owner_opt = Muon(_block_groups(owner), **U.HYPER, distributed_mode="owner")
     sharded = BlockNet()
-    cols = {sharded.heads_cols, sharded.stack}
+    cols = {sharded.heads_cols, sharded.stack, sharded.c_cols}
     fully_shard(sharded, mesh=init_device_mesh("cpu", (world,)),
                 shard_placement_fn=lambda p: Shard(1) if p in cols else None)
-    sharded_opt = Muon(_block_groups(sharded, columns=False), **U.HYPER)
+    sharded_opt = Muon(_block_groups(sharded), **U.HYPER)
     for step in range(U.STEPS):
         if step == U.STEPS - 1:  # the last step resumes both from checkpoints
             owner_opt = _resumed(owner, owner_opt, distributed_mode="owner")
@@ -503,8 +504,6 @@ def blocks_normuon_bit_identical(rank, world, tmp):
         ref = dict(single.named_parameters())
         out = {}
         for n, p in model.named_parameters():
-            if p not in opt.state:  # c_attn under FSDP2
-                continue
             st = opt.state[p]
             out[n] = [
                 torch.equal(full(p.detach()), ref[n].detach()),
@@ -579,12 +578,6 @@ def blocks_refusals(rank, world, tmp):
     errors = {}
     model = U.make_model()
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-    opt = Muon([model.h1.weight], **U.HYPER, split_sizes=(5, 6), split_dim=1)  # Shard(0)
-    model.h1.weight.grad = torch.zeros_like(model.h1.weight)
-    try:
-        opt.step()
-    except NotImplementedError as exc:
-        errors["split_dim"] = str(exc)
     opt = Muon([model.experts], **U.HYPER, normuon=True)  # experts: Shard(0), whole matrices
     model.experts.grad = torch.zeros_like(model.experts)
     try:
@@ -673,9 +666,8 @@ def test_blocks_and_normuon_on_hand_made_layouts(results, world):
 
 
 @worlds
-def test_distributed_step_refuses_sharded_column_blocks_and_normuon_expert_shards(results, world):
+def test_distributed_step_refuses_normuon_on_expert_shards(results, world):
     for m in U.rank_metrics(results, world, "blocks_refusals"):
-        assert "sets split_dim=1 (column blocks)" in m["split_dim"], m
         assert "normuon=True is not supported" in m["experts"], m
         assert m["state"] == 0, m  # refused before any state was made
 
