@@ -43,6 +43,9 @@ TORCH_LIBRARY(muon_ext, m) {
       "muon_update_(Tensor(a!)[] params, Tensor x, Tensor lr, float weight_decay, "
       "float[] update_scales, Tensor? found_inf=None) -> ()");
   m.def("muon_copy_blocks_(Tensor src, Tensor(a!) dst, int[] blocks) -> ()");
+  m.def(
+      "muon_normuon_(Tensor(a!) x, int[] shapes, Tensor(b!)[] normuon_v, float normuon_beta2, "
+      "float normuon_eps, Tensor? found_inf=None) -> ()");
   // Bytes of scratch memory muon_step_ would allocate for these params (3-D views as for the
   // step) under `workspace_limit` (-1: the default; see NOTE: [Workspace budget]); `normuon`:
   // for a step with normuon_buffers (NorMuon's per-row regions, small: one float per row).

@@ -225,25 +225,45 @@ void check_optional_scalar(const c10::optional<at::Tensor>& t, const char* op, c
               device, " or the CPU, got ", t->device());
 }
 
-// Every written tensor owns its storage among all the op's tensors (as check_no_aliasing).
+// No written tensor overlaps another of the op's tensors. The phase ops take contiguous
+// tensors only, so disjoint element ranges of one storage (row blocks of one param, as the
+// distributed step passes them: NOTE: [Distributed matrix blocks] in muon_ext/distributed.py)
+// may be written by one call; any overlap is refused.
 void check_own_storage(const char* op, std::initializer_list<std::pair<const char*, at::TensorList>> written,
                        std::initializer_list<std::pair<const char*, at::TensorList>> read) {
-  std::unordered_map<const void*, std::pair<const char*, size_t>> owner;
+  struct Range {
+    int64_t begin, end;  // bytes within the storage
+    const char* name;
+    size_t index;
+  };
+  std::unordered_map<const void*, std::vector<Range>> owner;
+  const auto range_of = [](const at::Tensor& t) {
+    const int64_t item = static_cast<int64_t>(t.element_size());
+    const int64_t begin = t.storage_offset() * item;
+    return std::make_pair(begin, begin + t.numel() * item);
+  };
   for (const auto& [name, list] : written) {
     for (size_t i = 0; i < list.size(); ++i) {
       if (list[i].numel() == 0) continue;
-      auto [it, inserted] =
-          owner.emplace(list[i].storage().unsafeGetStorageImpl(), std::make_pair(name, i));
-      TORCH_CHECK(inserted, op, ": ", name, "[", i, "] and ", it->second.first, "[",
-                  it->second.second, "] share storage; every tensor the op writes must have its own");
+      const auto [begin, end] = range_of(list[i]);
+      std::vector<Range>& ranges = owner[list[i].storage().unsafeGetStorageImpl()];
+      for (const Range& r : ranges) {
+        TORCH_CHECK(end <= r.begin || r.end <= begin, op, ": ", name, "[", i, "] and ", r.name,
+                    "[", r.index, "] share storage; every tensor the op writes must have its own");
+      }
+      ranges.push_back(Range{begin, end, name, i});
     }
   }
   for (const auto& [name, list] : read) {
     for (size_t i = 0; i < list.size(); ++i) {
       if (list[i].numel() == 0) continue;
       auto it = owner.find(list[i].storage().unsafeGetStorageImpl());
-      TORCH_CHECK(it == owner.end(), op, ": ", name, "[", i, "] and ", it->second.first, "[",
-                  it->second.second, "] share storage; what the op reads must not be written");
+      if (it == owner.end()) continue;
+      const auto [begin, end] = range_of(list[i]);
+      for (const Range& r : it->second) {
+        TORCH_CHECK(end <= r.begin || r.end <= begin, op, ": ", name, "[", i, "] and ", r.name,
+                    "[", r.index, "] share storage; what the op reads must not be written");
+      }
     }
   }
 }
@@ -320,6 +340,32 @@ std::vector<at::Tensor> orthogonalize_segments(const at::Tensor& x, at::IntArray
   }
   TORCH_CHECK(offset == x.numel(), op, ": shapes describe ", offset, " elements but x has ",
               x.numel());
+  return views;
+}
+
+std::vector<at::Tensor> check_normuon_args(const at::Tensor& x, at::IntArrayRef shapes,
+                                           at::TensorList normuon_v, double beta2, double eps,
+                                           const c10::optional<at::Tensor>& found_inf,
+                                           c10::DeviceType device_type) {
+  const char* op = "muon_normuon_";
+  std::vector<at::Tensor> views = orthogonalize_segments(x, shapes, device_type);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(normuon_v.size() == views.size(), op, ": normuon_v has ", normuon_v.size(),
+              " tensors but shapes has ", views.size(), " triples");
+  TORCH_CHECK(std::isfinite(beta2) && beta2 >= 0.0 && beta2 < 1.0, op,
+              ": normuon_beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK(std::isfinite(eps) && eps > 0.0, op, ": normuon_eps must be > 0, got ", eps);
+  for (size_t k = 0; k < views.size(); ++k) {
+    const at::Tensor& v = normuon_v[k];
+    TORCH_CHECK(v.device() == x.device() && v.scalar_type() == at::kFloat && v.is_contiguous(), op,
+                ": normuon_v[", k, "] must be a contiguous float32 tensor on ", x.device(),
+                ", got ", v.scalar_type(), " on ", v.device());
+    TORCH_CHECK(v.numel() == views[k].size(0) * views[k].size(1), op, ": normuon_v[", k,
+                "] has ", v.numel(), " elements but its matrices have ",
+                views[k].size(0) * views[k].size(1), " rows");
+  }
+  check_own_storage(op, {{"normuon_v", normuon_v}, {"x", at::TensorList(x)}}, {});
+  check_optional_scalar(found_inf, op, "found_inf", x.device());
   return views;
 }
 

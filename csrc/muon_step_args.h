@@ -133,6 +133,9 @@ void check_ns_coefficients(const std::vector<double>& ns_coefficients, double ep
 //       phase 4: P = P (1 - lr wd) - lr scale_i X_i
 //   muon_copy_blocks_(src, dst, blocks)
 //       packing: strided 2-D blocks from one flat buffer to another (shards <-> whole matrices)
+//   muon_normuon_(x, shapes, normuon_v, beta2, eps, found_inf)   (CPU; NOTE: [NorMuon])
+//       between orthogonalize and update: v of each matrix updated, and x scaled in place row by
+//       row to f s_i O, so that muon_update_ then applies what muon_step_'s phase 4 applies
 // "Packed" means one contiguous 1-D float32 tensor holding tensor after tensor in list order,
 // each row-major in its own shape (matrices in the param's orientation, never transposed).
 // Momentum and update are elementwise and take tensors of any shape (a shard, a whole param);
@@ -150,6 +153,13 @@ int64_t check_momentum_args(at::TensorList grads, at::TensorList momentum_buffer
 // Checks of muon_orthogonalize_; returns x's segments as (batch, rows, cols) views.
 std::vector<at::Tensor> orthogonalize_segments(const at::Tensor& x, at::IntArrayRef shapes,
                                                c10::DeviceType device_type);
+
+// Checks of muon_normuon_ (one contiguous float32 tensor of batch * rows elements in
+// normuon_v per (batch, rows, cols) triple); returns x's segments as orthogonalize_segments.
+std::vector<at::Tensor> check_normuon_args(const at::Tensor& x, at::IntArrayRef shapes,
+                                           at::TensorList normuon_v, double beta2, double eps,
+                                           const c10::optional<at::Tensor>& found_inf,
+                                           c10::DeviceType device_type);
 
 // Checks of muon_update_.
 void check_update_args(at::TensorList params, const at::Tensor& x, const at::Tensor& lr,

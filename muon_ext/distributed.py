@@ -15,6 +15,8 @@ orthogonalized exactly once per step, on one *owner* rank, wherever its data liv
   rank updates every momentum buffer (cheap, and the optimizer state stays independent of
   the rank), orthogonalizes only the matrices it owns, and one ``all_gather_single`` per
   shape bucket hands everyone the results; every rank then applies the same update.
+* Matrix blocks (``num_heads`` / ``split_sizes``, rows only) and NorMuon work in both modes:
+  NOTE: [Distributed matrix blocks] and NOTE: [Distributed NorMuon].
 * Any other DTensor layout (several sharded mesh dims, e.g. FSDP2 + tensor parallel) falls
   back to ``full_tensor()`` on every rank: correct, but every rank does all the work.
 
@@ -34,7 +36,7 @@ import hashlib
 import math
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -44,7 +46,9 @@ from . import ops
 from ._extension import extension_available
 from .coefficients import (
     DEFAULT_RMS_TARGET,
+    blocking_requested,
     flat_coefficients,
+    matrix_blocks,
     matrix_shape,
     resolve_ns_algorithm,
     resolve_ns_coefficients,
@@ -52,8 +56,11 @@ from .coefficients import (
 )
 from .dispatch import lr_tensor, momentum_dtype, scalar_on, takes_fused_step
 from .reference import (
+    block_view,
     copy_blocks_packed_,
     momentum_packed_,
+    normuon_,
+    normuon_rows,
     orthogonalize_packed_,
     resolve_gram_restarts,
     update_packed_,
@@ -178,6 +185,15 @@ class _Unit:
     spec: Any = None  # a DTensor param's sharding spec (FSDP2's grads share it)
     state: Any = None  # the param's state dict in `state_of` (an optimizer's state)
     state_of: Any = None
+    # Matrix blocks and NorMuon (NOTE: [Distributed matrix blocks]):
+    shapes: list[tuple[int, int, int]] = field(default_factory=list)  # its matrices, in order
+    rows_of: tuple[int, int] | None = None  # a row block of a whole param: its rows [lo, hi)
+    column_block: Any = None  # a column block (MatrixBlock) of a whole param: stepped on copies
+    v_of: tuple[int, int] | None = None  # a block of a whole param: its entries of the v
+    pieces: list[tuple[int, int, float]] | None = None  # _SHARDED blocks: (lo, hi, scale) rows
+    column_blocks: Any = None  # _SHARDED column blocks: the MatrixBlocks (pieces are columns)
+    v_numel: int = 0  # NorMuon: entries of the param's v (normuon_rows), 0 with NorMuon off
+    v_local: Any = None  # NorMuon: this rank's (entries, placements) of v (_v_layout)
 
     @property
     def tall(self) -> bool:
@@ -190,6 +206,9 @@ class _Unit:
     @property
     def n(self) -> int:
         return max(self.rows, self.cols)
+
+    def flops(self, steps: int) -> int:
+        return sum(b * ns_flops(r, c, steps) for b, r, c in self.shapes)
 
     def local_shape(self, rank: int) -> list[int]:
         shape = list(self.param.shape)
@@ -249,6 +268,10 @@ class _Runtime:
             group["adjust_lr_fn"],
             group.get("rms_target", DEFAULT_RMS_TARGET),
             group["fused"],
+            group.get("num_heads"),
+            None if group.get("split_sizes") is None else tuple(group["split_sizes"]),
+            group.get("split_dim", 0),
+            bool(group.get("normuon", False)),
             # Per param its identity and its local tensor's storage, shape and dtype (cheap
             # attributes of a plain tensor): a DTensor keeps its placements for life, and a
             # `p.data = ...` swap changes the local tensor.
@@ -261,8 +284,9 @@ class _Runtime:
         if cached is not None and cached.key == key:
             return cached
         units = [
-            _make_unit(index, pos, p, group, owner, default_pg)
+            u
             for pos, p in enumerate(group["params"])
+            for u in _make_units(index, pos, p, group, owner, default_pg)
         ]
         layout = _Layout(index, units, key)
         self.layouts[index] = layout
@@ -308,6 +332,7 @@ def _make_unit(
         route="ops" if fused else "reference",
         local_batch=batch,
         local=_local(p),
+        shapes=[(batch, rows, cols)],
         placements=getattr(p, "placements", None),
         spec=getattr(p, "_spec", None),
     )
@@ -325,6 +350,91 @@ def _make_unit(
     if p.numel() == 0:
         unit.kind = _EMPTY
     return unit
+
+
+# NOTE: [Distributed matrix blocks]
+# num_heads / split_sizes cut a 2-D param into blocks, each a (heads, rows, cols) stack with its
+# own update scale (NOTE: [Matrix blocks] in muon_ext/optim.py). With split_dim=0 (row blocks)
+# the rows of a contiguous param-shaped buffer hold the blocks one after another, each
+# row-major.
+# * A param that goes whole to one owner (_SHARDED, FSDP2) stays one unit: its reassembled
+#   buffer contributes its blocks' shapes to the owner's orthogonalize call (the op buckets
+#   them), and its local shard is stepped as `pieces`, ranges of the local tensor (the shard
+#   intersected with each block, made once per layout), each with its block's scale. Row
+#   pieces are views: muon_momentum_ and muon_update_ take them (disjoint views of one storage
+#   may share a call of the phase ops), and U packs them in order, exactly as the whole shard.
+#   Column pieces (split_dim=1) are strided: they are stepped on contiguous copies, written
+#   back after the step, and the owner's tables (_shard_blocks) put each piece's head columns
+#   straight into a whole buffer that holds the blocks one after another, each a contiguous
+#   (heads, rows, w) stack, and take them back from there.
+# * A param whose local tensor is the whole param (_LOCAL, _REPLICATED in owner mode) becomes
+#   one unit per block (rows_of: its rows), in the bucket of the block's own shape, so owners
+#   and their FLOP balance are per block, like separate params. Column blocks (split_dim=1)
+#   of such params are units too (column_block): strided, they are stepped on contiguous
+#   (heads, rows, w) copies of the param, grad and momentum block, and the param and momentum
+#   copies are written back after the step, as the single-process step does.
+# NorMuon: NOTE: [Distributed NorMuon].
+def _make_units(
+    index: int, pos: int, p: Tensor, group: dict[str, Any], owner: bool, default_pg: Any
+) -> list[_Unit]:
+    """The units of one param: one, or one per matrix block (NOTE: [Distributed matrix
+    blocks])."""
+    unit = _make_unit(index, pos, p, group, owner, default_pg)
+    num_heads, split_sizes = group.get("num_heads"), group.get("split_sizes")
+    normuon = bool(group.get("normuon", False))
+    blocked = blocking_requested(num_heads, split_sizes)
+    if not (blocked or normuon):
+        return [unit]
+    split_dim = group.get("split_dim", 0)
+    where = f"param_groups[{index}]['params'][{pos}]"
+    setting = "num_heads / split_sizes" if blocked else "normuon=True"
+    if unit.kind == _GATHER:
+        raise NotImplementedError(
+            f"Muon: {where} is a DTensor with placements {unit.placements}, which the distributed "
+            f"step only supports through full_tensor() on every rank; {setting} is not supported "
+            "there (FSDP2's single Shard(d) mesh dim and replicated params are)"
+        )
+    if normuon and unit.load_pg is not None:
+        raise NotImplementedError(
+            f"Muon: {where} is an expert stack sharded on its expert dim; normuon=True is not "
+            "supported for it in the distributed step yet (shard it on another dim)"
+        )
+    if normuon:
+        unit.v_numel = normuon_rows(p.shape, num_heads, split_sizes, split_dim)
+    if not blocked or unit.kind == _EMPTY:
+        return [unit]
+    blocks = matrix_blocks(p.shape, num_heads, split_sizes, split_dim)
+    shapes = [b.matrix_shape(p.shape) for b in blocks]
+    rule, target = group["adjust_lr_fn"], group.get("rms_target", DEFAULT_RMS_TARGET)
+    scales = [update_scale(r, c, rule, target) for _, r, c in shapes]
+    if unit.kind == _SHARDED:
+        # Bucketed by its largest block (any key works: the owner's op buckets the shapes).
+        unit.batch, unit.rows, unit.cols = max(shapes, key=lambda s: (ns_flops(s[1], s[2], 1), s))
+        unit.shapes = shapes
+        lo, hi = 0, p.shape[split_dim]
+        if unit.shard_dim == split_dim:
+            lo = sum(unit.chunks[: unit.rank])
+            hi = lo + unit.chunks[unit.rank]
+        if split_dim == 1:
+            unit.column_blocks = blocks
+        unit.pieces = [
+            (max(lo, b.start) - lo, min(hi, b.start + b.size) - lo, scale)
+            for b, scale in zip(blocks, scales)
+            if max(lo, b.start) < min(hi, b.start + b.size)
+        ]
+        return [unit]
+    units, v_start = [], 0
+    for block, (b, r, c), scale in zip(blocks, shapes, scales):
+        sub = replace(unit, batch=b, rows=r, cols=c, local_batch=b, scale=scale, shapes=[(b, r, c)],
+                      v_of=(v_start, v_start + b * r))
+        v_start += b * r
+        if split_dim == 0:
+            sub.rows_of = (block.start, block.start + block.size)
+            sub.local = unit.local[block.start : block.start + block.size]
+        else:
+            sub.column_block, sub.local = block, block_view(unit.local, block)
+        units.append(sub)
+    return units
 
 
 def _dtensor_kind(unit: _Unit, owner: bool) -> None:
@@ -418,10 +528,10 @@ def _make_plan(units: list[_Unit], steps: int) -> list[_Bucket]:
                 load[r] += b.counts[r] * flops
         if b.sharded:  # longest processing time first: biggest param to the least loaded rank
             owners = [0] * len(b.sharded)
-            for i in sorted(range(len(b.sharded)), key=lambda i: (-b.sharded[i].batch, i)):
+            for i in sorted(range(len(b.sharded)), key=lambda i: (-b.sharded[i].flops(steps), i)):
                 r = min(range(b.world), key=lambda r: (load[r], r))
                 owners[i] = r
-                load[r] += b.sharded[i].batch * flops
+                load[r] += b.sharded[i].flops(steps)
             b.owners = owners
     return plan
 
@@ -480,16 +590,17 @@ def _agree(
             counts = torch.tensor(bits, dtype=torch.int32)
             dist.all_reduce(counts, group=hpg)
             rt.stats.collectives += 1
-            partial = []
+            partial = {}
             for u, c in zip(units, counts.tolist()):
                 present[u] = c == world
                 if 0 < c < world:
-                    partial.append(u)
+                    partial.setdefault(id(u.param), u)
             if partial:
                 warnings.warn(
                     "Muon: skipped "
                     + ", ".join(
-                        f"param_groups[{u.group_index}]['params'][{u.pos}]" for u in partial
+                        f"param_groups[{u.group_index}]['params'][{u.pos}]"
+                        for u in partial.values()
                     )
                     + " on every rank this step: it has a grad on some ranks only",
                     RuntimeWarning,
@@ -514,7 +625,8 @@ def _found_inf_anywhere(rt: _Runtime, found_inf: Tensor, groups: list[Any]) -> T
 
 def _verify_replicated(rt: _Runtime, units: list[_Unit], pg: Any, device: torch.device) -> None:
     """Replicated params must be identical on every rank, else owners would mix them up."""
-    reps = [u for u in units if u.kind == _REPLICATED]
+    # One entry per param (a blocked param has a unit per block).
+    reps = list({id(u.param): u for u in units if u.kind == _REPLICATED}.values())
     if not reps:
         return
     sums = torch.stack([_local(u.param).detach().double().sum() for u in reps]).to(device)
@@ -570,6 +682,9 @@ class _Scalars:
     lr: Any  # float or Tensor (group["lr"])
     grad_scale: Tensor | None
     found_inf: Tensor | None  # MAX over the ranks of every rank's flag (device tensor)
+    normuon: bool = False
+    normuon_beta2: float = 0.95
+    normuon_eps: float = 1e-8
 
 
 def _step_group(
@@ -590,19 +705,27 @@ def _step_group(
         gram_restarts=resolve_gram_restarts(group.get("gram_restarts"), len(schedule)),
         ns_dtype=group.get("ns_dtype", "bfloat16"),
         workspace_limit=-1 if limit is None else int(limit), lr=group["lr"],
-        grad_scale=grad_scale, found_inf=found_inf,
+        grad_scale=grad_scale, found_inf=found_inf, normuon=bool(group.get("normuon", False)),
+        normuon_beta2=group.get("normuon_beta2", 0.95), normuon_eps=group.get("normuon_eps", 1e-8),
     )
     state = optimizer.state
-    tensors = {u: _unit_tensors(state, u) for u in units}
+    write_back: list[tuple[Tensor, Tensor]] = []
+    tensors = {u: _unit_tensors(state, u, sc.normuon, write_back) for u in units}
     for b in rt.plan(layout, units, len(schedule)):
         _step_bucket(rt, b, tensors, sc)
+    for dst, src in write_back:  # column blocks (unchanged copies when found_inf is set)
+        dst.copy_(src)
     for u in units:
         if u.kind == _GATHER:
-            _step_gathered(rt, u, tensors[u], sc)
+            _step_gathered(rt, u, tensors[u][0][0], sc)
 
 
-def _unit_tensors(state: dict, u: _Unit) -> tuple[Tensor, Tensor, Tensor]:
-    """This rank's (param, grad, momentum) of a unit, creating zero momentum on first use."""
+def _unit_tensors(
+    state: dict, u: _Unit, normuon: bool, write_back: list[tuple[Tensor, Tensor]]
+) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor | None]:
+    """This rank's (param, grad, momentum) of a unit, one triple per piece (NOTE: [Distributed
+    matrix blocks]), and its NorMuon v (None with NorMuon off), creating zero state on first
+    use. Copies (column blocks) add their (destination, copy) pairs to ``write_back``."""
     p = u.param
     if u.state_of is not state:  # the param's state dict, looked up once per optimizer.state
         u.state, u.state_of = state[p], state  # (load_state_dict makes a new one)
@@ -617,7 +740,97 @@ def _unit_tensors(state: dict, u: _Unit) -> tuple[Tensor, Tensor, Tensor]:
     if spec is not None and spec is not u.spec and spec.placements != u.placements:
         grad = grad.redistribute(p.device_mesh, u.placements)  # type: ignore[union-attr]
     g = _local(grad)
-    return u.local, g if g.is_contiguous() else g.contiguous(), _local(buf)
+    g = g if g.is_contiguous() else g.contiguous()
+    m = _local(buf)
+    v = _normuon_v(st, u) if normuon else None
+    if u.v_of is not None and v is not None:
+        v = v[u.v_of[0] : u.v_of[1]]
+    if u.rows_of is not None:
+        lo, hi = u.rows_of
+        return [(u.local, g[lo:hi], m[lo:hi])], v
+    if u.column_block is not None:  # copies, written back by _step_group
+        m_block = block_view(m, u.column_block)
+        copies = (u.local.contiguous(), block_view(g, u.column_block).contiguous(),
+                  m_block.contiguous())
+        write_back.append((u.local, copies[0]))
+        write_back.append((m_block, copies[2]))
+        return [copies], v
+    if u.column_blocks is not None:  # column pieces of the shard: copies, written back
+        out = []
+        for lo, hi, _ in u.pieces:  # type: ignore[union-attr]
+            copies = (u.local[:, lo:hi].contiguous(), g[:, lo:hi].contiguous(),
+                      m[:, lo:hi].contiguous())
+            write_back.append((u.local[:, lo:hi], copies[0]))
+            write_back.append((m[:, lo:hi], copies[2]))
+            out.append(copies)
+        return out, v
+    if u.pieces is not None:
+        return [(u.local[lo:hi], g[lo:hi], m[lo:hi]) for lo, hi, _ in u.pieces], v
+    return [(u.local, g, m)], v
+
+
+# NOTE: [Distributed NorMuon]
+# NorMuon's v (state key "normuon_v", NOTE: [NorMuon state] in muon_ext/reference.py) is state
+# of every rank, in the single-process layout: one flat float32 entry per row of each matrix.
+# * Plain and replicated params (DDP owner mode): every rank holds all of v. The owners
+#   orthogonalize their share and the all_gather hands every rank every O; then every rank
+#   applies NorMuon to all of the bucket's replicated matrices (cheap: one pass, like the
+#   update every rank applies anyway), so v is updated identically everywhere, without sending it.
+# * FSDP2 params: v is a DTensor sharded like the param on its mesh dim, Shard(0) of the flat
+#   (rows,) vector (torch.chunk sizes; for a 2-D Shard(0) weight exactly the rows of the shard).
+#   Per bucket, one all_to_all (issued with the first one of U) carries each rank's chunks to
+#   the params' owners, the owner applies NorMuon to the whole orthogonalized params with the
+#   whole v, and one all_to_all (with the second one) returns the chunks. v stays out of the
+#   buffer U, which muon_momentum_ writes contiguously.
+# * Locally orthogonalized params: v is local too (a DTensor when the param is one).
+# NorMuon runs between orthogonalize and update (muon_normuon_ on the CPU: the floats of
+# muon_step_), so the update op is unchanged. Expert stacks sharded on the expert dim and the
+# full_tensor() fallback are refused with NorMuon.
+def _normuon_v(st: dict, u: _Unit) -> Tensor:
+    """The param's NorMuon v (its local tensor for a DTensor), created as zeros on first use."""
+    from .optim import NORMUON_STATE_KEY
+
+    if u.v_local is None:
+        u.v_local = _v_layout(u)
+    size, placements = u.v_local
+    v = st.get(NORMUON_STATE_KEY)
+    if v is None:
+        p = u.param
+        local = torch.zeros(size, dtype=momentum_dtype(p), device=u.local.device)
+        if placements is None:
+            v = local
+        else:
+            from torch.distributed.tensor import DTensor
+
+            v = DTensor.from_local(local, p.device_mesh, placements,  # type: ignore[attr-defined]
+                                   run_check=False, shape=(u.v_numel,), stride=(1,))
+        st[NORMUON_STATE_KEY] = v
+    local = _local(v)
+    if local.numel() != size:
+        raise RuntimeError(
+            f"Muon: {NORMUON_STATE_KEY} of param_groups[{u.group_index}]['params'][{u.pos}] has "
+            f"{local.numel()} local entries on this rank, expected {size} (a DTensor like its "
+            "param: load FSDP2 checkpoints through torch.distributed.checkpoint)"
+        )
+    return local
+
+
+def _v_layout(u: _Unit) -> tuple[int, list | None]:
+    """This rank's number of entries of a param's v, and its placements (None: a plain tensor):
+    Shard(0) of the flat vector where the param is sharded, replicated where it is."""
+    if u.placements is None:
+        return u.v_numel, None
+    from torch.distributed.tensor import Shard
+
+    mesh = u.param.device_mesh  # type: ignore[attr-defined]
+    size, placements = u.v_numel, []
+    for k, pl in enumerate(u.placements):
+        if pl.is_replicate():
+            placements.append(pl)
+        else:
+            placements.append(Shard(0))
+            size = _chunk_sizes(u.v_numel, mesh.size(k))[mesh.get_local_rank(k)]
+    return size, placements
 
 
 def _momentum(route: str, grads, bufs, sc: _Scalars, out: Tensor) -> None:
@@ -649,6 +862,34 @@ def _orthogonalize(rt: _Runtime, route: str, x: Tensor, shapes: list[int], sc: _
                               sc.ns_dtype)
 
 
+def _normuon(route: str, x: Tensor, shapes: list[int], vs: list[Tensor], sc: _Scalars) -> None:
+    """NorMuon on orthogonalized matrices packed in x (NOTE: [Distributed NorMuon])."""
+    if not shapes:
+        return
+    if route == "ops" and x.device.type == "cpu":
+        ops.muon_normuon_(
+            x, shapes, vs, sc.normuon_beta2, sc.normuon_eps,
+            None if sc.found_inf is None else scalar_on(sc.found_inf, x.device),
+        )
+        return
+    # Elsewhere with ATen ops (the formula, not the fused kernels' floats); found_inf is not
+    # read on the host: a set flag selects the old x and v.
+    skip = None if sc.found_inf is None else scalar_on(sc.found_inf, x.device).reshape(()) != 0
+    offset = 0
+    for k, v in zip(range(0, len(shapes), 3), vs):
+        batch, rows, cols = shapes[k : k + 3]
+        seg = x[offset : offset + batch * rows * cols].view(batch, rows, cols)
+        offset += seg.numel()
+        if not seg.numel():
+            continue
+        v2 = v.view(batch, rows).clone()
+        out = normuon_(seg, v2, sc.normuon_beta2, sc.normuon_eps)
+        if skip is not None:
+            out, v2 = torch.where(skip, seg, out), torch.where(skip, v.view(batch, rows), v2)
+        seg.copy_(out)
+        v.view(batch, rows).copy_(v2)
+
+
 def _update(route: str, params, x: Tensor, scales: list[float], sc: _Scalars) -> None:
     if route == "ops":
         device = x.device
@@ -672,34 +913,57 @@ def _step_bucket(rt: _Runtime, b: _Bucket, tensors: dict, sc: _Scalars) -> None:
     t = b.tables
     if not t.order:
         return
-    local = [tensors[u] for u in t.order]
-    buf_dtype = local[0][2].dtype
-    device = local[0][2].device
+    pieces = [x for u in t.order for x in tensors[u][0]]
+    buf_dtype = momentum_dtype(t.order[0].param)
+    device = t.order[0].local.device
     u_buf = torch.empty(t.total, dtype=buf_dtype, device=device)
-    _momentum(b.route, [x[1] for x in local], [x[2] for x in local], sc, u_buf)
+    _momentum(b.route, [x[1] for x in pieces], [x[2] for x in pieces], sc, u_buf)
+    n_local = len(t.order) - len(b.replicated) - len(b.sharded)
+    v_sharded = sc.normuon and bool(t.v_send_splits)
 
     shard_part = u_buf[t.shard_range[0] : t.shard_range[1]]
     whole = None
     if b.sharded:  # all_to_all #1: every shard to its owner, reassembled there
         received = torch.empty(sum(t.recv_splits), dtype=buf_dtype, device=device)
-        _all_to_all_async(rt, received, shard_part, t.recv_splits, t.send_splits, b.pg,
-                          b.rank).wait()
+        first = [_all_to_all_async(rt, received, shard_part, t.recv_splits, t.send_splits, b.pg,
+                                   b.rank)]
+        if v_sharded:  # NorMuon: each rank's chunks of v to the owners, alongside
+            v_locals = [tensors[u][1] for u in t.order[n_local + len(b.replicated) :]]
+            v_dtype = v_locals[0].dtype
+            v_send = torch.cat(v_locals)
+            v_recv = torch.empty(sum(t.v_recv_splits), dtype=v_dtype, device=device)
+            first.append(_all_to_all_async(rt, v_recv, v_send, t.v_recv_splits, t.v_send_splits,
+                                           b.pg, b.rank))
+        for handle in first:
+            handle.wait()
         whole = torch.empty(t.whole_numel, dtype=buf_dtype, device=device)
         _copy_blocks(received, whole, t.unpack_blocks)
         del received
 
-    _orthogonalize(rt, b.route, u_buf[: t.local_numel], t.local_shapes, sc)
+    local_x = u_buf[: t.local_numel]
+    _orthogonalize(rt, b.route, local_x, t.local_shapes, sc)
+    if sc.normuon:
+        _normuon(b.route, local_x, t.local_shapes, [tensors[u][1] for u in t.order[:n_local]], sc)
     own = u_buf[t.own_range[0] : t.own_range[1]]
     _orthogonalize(rt, b.route, own, t.own_shapes, sc)
 
     pending = []
     if b.sharded:
         _orthogonalize(rt, b.route, whole, t.whole_shapes, sc)
+        if v_sharded:
+            whole_v = torch.empty(sum(t.v_whole_sizes), dtype=v_dtype, device=device)
+            _copy_blocks(v_recv, whole_v, t.v_unpack_blocks)
+            _normuon(b.route, whole, t.whole_shapes, list(whole_v.split(t.v_whole_sizes)), sc)
         back = torch.empty(sum(t.send2_splits), dtype=buf_dtype, device=device)
         _copy_blocks(whole, back, t.pack_blocks)  # type: ignore[arg-type]
         # all_to_all #2: into the sharded part of the buffer (the send of #1 has completed).
         pending.append(_all_to_all_async(rt, shard_part, back, t.send_splits, t.send2_splits,
                                          b.pg, b.rank))
+        if v_sharded:  # and the v chunks back to their ranks
+            v_back = torch.empty(sum(t.v_recv_splits), dtype=v_dtype, device=device)
+            _copy_blocks(whole_v, v_back, t.v_pack_blocks)
+            pending.append(_all_to_all_async(rt, v_send, v_back, t.v_send_splits,
+                                             t.v_recv_splits, b.pg, b.rank))
     if b.replicated:  # one all_gather: each rank contributes max(counts) matrix slots
         slot = b.m * b.n
         slots = max(b.counts)
@@ -715,7 +979,12 @@ def _step_bucket(rt: _Runtime, b: _Bucket, tensors: dict, sc: _Scalars) -> None:
     if b.replicated:
         rep = u_buf[t.rep_range[0] : t.rep_range[1]]
         _copy_blocks(gathered, rep, t.gather_blocks)
-    _update(b.route, [x[0] for x in local], u_buf, t.scales, sc)
+        if sc.normuon:  # on every rank, for every matrix: v stays replicated
+            reps = t.order[n_local : n_local + len(b.replicated)]
+            _normuon(b.route, rep, t.rep_shapes, [tensors[u][1] for u in reps], sc)
+    if v_sharded:  # v_send received the updated chunks, in the order it sent them
+        torch._foreach_copy_(v_locals, list(v_send.split([v.numel() for v in v_locals])))
+    _update(b.route, [x[0] for x in pieces], u_buf, t.scales, sc)
 
 
 def _step_gathered(rt: _Runtime, u: _Unit, tensors: tuple, sc: _Scalars) -> None:
@@ -754,6 +1023,14 @@ class _Tables:
     unpack_blocks: list[int] = field(default_factory=list)  # received -> whole params
     pack_blocks: list[int] = field(default_factory=list)  # whole params -> each rank's slices
     send2_splits: list[int] = field(default_factory=list)  # elements to each rank (#2)
+    # NorMuon (NOTE: [Distributed NorMuon]): shapes of the replicated part, and for the sharded
+    # units the v all_to_alls: chunks to owners and back, whole vectors on the owner.
+    rep_shapes: list[int] = field(default_factory=list)
+    v_send_splits: list[int] = field(default_factory=list)
+    v_recv_splits: list[int] = field(default_factory=list)
+    v_whole_sizes: list[int] = field(default_factory=list)  # per whole_shapes triple
+    v_unpack_blocks: list[int] = field(default_factory=list)
+    v_pack_blocks: list[int] = field(default_factory=list)
 
 
 def _shard_block(u: _Unit, rank: int) -> tuple[int, int, int, int]:
@@ -767,12 +1044,46 @@ def _shard_block(u: _Unit, rank: int) -> tuple[int, int, int, int]:
     return start * inner, shape[d] * inner, outer, u.chunks[rank] * inner
 
 
+def _shard_blocks(u: _Unit, rank: int) -> list[tuple[int, ...]]:
+    """How rank ``rank``'s packed shard of ``u`` maps into the owner's whole buffer: 2-D blocks
+    (shard offset, shard stride, whole offset, whole stride, rows, width). The whole buffer is
+    the param-shaped tensor, or with column blocks the blocks one after another, each a
+    contiguous (heads, rows, w) stack, and the shard is packed as its column pieces in order
+    (NOTE: [Distributed matrix blocks])."""
+    if u.column_blocks is None:
+        off, stride, rows, width = _shard_block(u, rank)
+        return [(0, width, off, stride, rows, width)] if rows * width else []
+    total_rows, total_cols = u.param.shape
+    start = sum(u.chunks[:rank])
+    r0, nr, c0, c1 = 0, total_rows, 0, total_cols
+    if u.shard_dim == 0:
+        r0, nr = start, u.chunks[rank]
+    else:
+        c0, c1 = start, start + u.chunks[rank]
+    out, piece = [], 0
+    for blk in u.column_blocks:
+        a, z = max(c0, blk.start), min(c1, blk.start + blk.size)
+        if a >= z:
+            continue
+        w = blk.size // blk.heads
+        for h in range(blk.heads):
+            x0, x1 = max(a, blk.start + h * w), min(z, blk.start + (h + 1) * w)
+            if x0 < x1 and nr:
+                out.append((piece + x0 - a, z - a,
+                            total_rows * blk.start + (h * total_rows + r0) * w
+                            + x0 - blk.start - h * w, w, nr, x1 - x0))
+        piece += nr * (z - a)
+    return out
+
+
 def _make_tables(b: _Bucket) -> _Tables:
     t = _Tables()
     local = [u for u in b.local if u.kind == _LOCAL and u.local_batch]
     sharded = [u for s in range(b.world) for u, o in zip(b.sharded, b.owners) if o == s]
     t.order = local + b.replicated + sharded
-    t.scales = [u.scale for u in t.order]
+    t.scales = [
+        s for u in t.order for s in ([u.scale] if u.pieces is None else [x[2] for x in u.pieces])
+    ]
     offset = 0
     for u in local:
         t.local_shapes += [u.local_batch, u.rows, u.cols]
@@ -783,6 +1094,8 @@ def _make_tables(b: _Bucket) -> _Tables:
         rep_start = offset
         offset += sum(u.batch for u in b.replicated) * slot
         t.rep_range = (rep_start, offset)
+        for u in b.replicated:
+            t.rep_shapes += [u.batch, u.rows, u.cols]
         lo, count = b.starts[b.rank], b.counts[b.rank]
         t.own_range = (rep_start + lo * slot, rep_start + (lo + count) * slot)
         first = 0
@@ -809,27 +1122,62 @@ def _make_tables(b: _Bucket) -> _Tables:
         bases, base = [], 0
         for u in mine:
             bases.append(base)
-            t.whole_shapes += [u.batch, u.rows, u.cols]
+            for shape in u.shapes:
+                t.whole_shapes += shape
+                t.v_whole_sizes.append(shape[0] * shape[1])
             base += u.param.numel()
         t.whole_numel = base
         src = 0
         for s in range(b.world):  # received: per source rank, its shard of each unit I own
             for u, whole_base in zip(mine, bases):
-                off, stride, rows, width = _shard_block(u, s)
-                if rows * width:
-                    t.unpack_blocks += [src, width, whole_base + off, stride, rows, width]
-                src += rows * width
+                for so, ss, wo, ws, rows, width in _shard_blocks(u, s):
+                    t.unpack_blocks += [src + so, ss, whole_base + wo, ws, rows, width]
+                src += u.local_numel(s)
         dst = 0
         t.send2_splits = []
         for r in range(b.world):  # to each rank, its shard of each unit I own
             start = dst
             for u, whole_base in zip(mine, bases):
-                off, stride, rows, width = _shard_block(u, r)
-                if rows * width:
-                    t.pack_blocks += [whole_base + off, stride, dst, width, rows, width]
-                dst += rows * width
+                for so, ss, wo, ws, rows, width in _shard_blocks(u, r):
+                    t.pack_blocks += [whole_base + wo, ws, dst + so, ss, rows, width]
+                dst += u.local_numel(r)
             t.send2_splits.append(dst - start)
+        if any(u.v_numel for u in b.sharded):
+            _v_tables(t, b, mine)
     return t
+
+
+def _v_tables(t: _Tables, b: _Bucket, mine: list[_Unit]) -> None:
+    """The NorMuon v all_to_alls of a bucket's sharded units: each rank's chunk of every v (a
+    Shard(0) of the flat vector) to the unit's owner, whole there, and back."""
+
+    def chunk(u: _Unit, r: int) -> tuple[int, int]:  # (start, size) of rank r's chunk of u's v
+        sizes = _chunk_sizes(u.v_numel, b.world)
+        return sum(sizes[:r]), sizes[r]
+
+    t.v_send_splits = [
+        sum(chunk(u, b.rank)[1] for u, o in zip(b.sharded, b.owners) if o == r)
+        for r in range(b.world)
+    ]
+    t.v_recv_splits = [sum(chunk(u, s)[1] for u in mine) for s in range(b.world)]
+    bases, base = [], 0
+    for u in mine:
+        bases.append(base)
+        base += u.v_numel
+    src = 0
+    for s in range(b.world):
+        for u, v_base in zip(mine, bases):
+            start, size = chunk(u, s)
+            if size:
+                t.v_unpack_blocks += [src, size, v_base + start, size, 1, size]
+            src += size
+    dst = 0
+    for r in range(b.world):
+        for u, v_base in zip(mine, bases):
+            start, size = chunk(u, r)
+            if size:
+                t.v_pack_blocks += [v_base + start, size, dst, size, 1, size]
+            dst += size
 
 
 # ---------------------------------------------------------------------- fallback: gather

@@ -31,7 +31,6 @@ from .optim import (
     _describe,
     _is_real,
     _muon_defaults,
-    _refuse_distributed_blocks,
     _validate_hyperparameters,
     _validate_params,
 )
@@ -257,7 +256,6 @@ class MuonWithAdamW(Muon):
             if use_muon:
                 _validate_hyperparameters(group, where=where)
                 _validate_muon_group_params(group, index)
-                _refuse_distributed_blocks(self, group, index)
             else:
                 _validate_adamw_hyperparameters(group, where=where)
                 _validate_adamw_params(group, index)

@@ -19,6 +19,7 @@ __all__ = [
     "DEFAULT_WORKSPACE_LIMIT",
     "muon_copy_blocks_",
     "muon_momentum_",
+    "muon_normuon_",
     "muon_orthogonalize_",
     "muon_step_",
     "muon_step_workspace_bytes",
@@ -150,6 +151,25 @@ def muon_copy_blocks_(src: Tensor, dst: Tensor, blocks: Sequence[int]) -> None:
     torch.ops.muon_ext.muon_copy_blocks_(src, dst, _ints(blocks))
 
 
+def muon_normuon_(
+    x: Tensor,
+    shapes: Sequence[int],
+    normuon_v: Sequence[Tensor],
+    normuon_beta2: float = 0.95,
+    normuon_eps: float = 1e-8,
+    found_inf: Tensor | None = None,
+) -> None:
+    """NorMuon between orthogonalize and update (CPU): each matrix O of the packed ``x``
+    (``shapes`` as for :func:`muon_orthogonalize_`) updates its rows' second moment in
+    ``normuon_v`` (one float32 tensor of batch * rows entries per triple) and becomes
+    ``f s_i O_ij`` in place (NOTE: [NorMuon] in csrc/muon_step_args.h), so that
+    :func:`muon_update_` then writes what :func:`muon_step_` with ``normuon_buffers`` writes.
+    With ``found_inf != 0`` nothing changes."""
+    torch.ops.muon_ext.muon_normuon_(
+        x, _ints(shapes), list(normuon_v), float(normuon_beta2), float(normuon_eps), found_inf
+    )
+
+
 def _ints(values: Sequence[int]) -> list[int]:
     """A list of ints for an int[] argument; a list is passed as is (the distributed driver's
     tables are made once, as lists of ints, and hold thousands of entries)."""
@@ -227,6 +247,11 @@ if extension_available():
 
     @torch.library.register_fake("muon_ext::muon_copy_blocks_")
     def _muon_copy_blocks_fake(src, dst, blocks) -> None:
+        return None
+
+    @torch.library.register_fake("muon_ext::muon_normuon_")
+    def _muon_normuon_fake(x, shapes, normuon_v, normuon_beta2, normuon_eps,
+                           found_inf=None) -> None:
         return None
 
     @torch.library.register_fake("muon_ext::newton_schulz")

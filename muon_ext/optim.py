@@ -285,7 +285,8 @@ class Muon(Optimizer):
       ``split_dim`` (0: rows, the default; 1: columns) into blocks that are matrices of their
       own (fused q/k/v projections). With both, each block is cut into H heads along
       ``split_dim``. Each matrix gets the lr scale of its own shape. 2-D params only; the
-      momentum buffer stays param-shaped. Not supported by the distributed step.
+      momentum buffer stays param-shaped. The distributed step takes them too (NOTE:
+      [Distributed matrix blocks]).
     * ``rms_target`` (keyword-only group hyperparameter, checkpointed, default 0.2 as in torch):
       the constant of ``adjust_lr_fn="match_rms_adamw"`` (scale ``rms_target·sqrt(max(rows,
       cols))``); the other rules ignore it.
@@ -294,8 +295,8 @@ class Muon(Optimizer):
       ``"normuon_v"``, float32, one entry per row of each matrix: NOTE: [NorMuon state] in
       ``muon_ext.reference``) with decay ``normuon_beta2`` (0.95) and ``normuon_eps`` (1e-8),
       then restores the matrix's Frobenius norm, before the lr rule and weight decay. Rows are
-      those of each matrix: per head, per block, per expert. Not supported by the distributed
-      step yet.
+      those of each matrix: per head, per block, per expert. Under the distributed step v is
+      replicated (owner mode) or a Shard(0) DTensor (FSDP2): NOTE: [Distributed NorMuon].
     """
 
     _step_supports_amp_scaling = True
@@ -357,7 +358,6 @@ class Muon(Optimizer):
         try:
             _validate_hyperparameters(group, where=f"param_groups[{index}]")
             _validate_params(group, index)
-            _refuse_distributed_blocks(self, group, index)
         except Exception:
             self.param_groups.pop()  # a rejected group leaves the optimizer as it was
             raise
@@ -456,7 +456,6 @@ class Muon(Optimizer):
         """
         _validate_hyperparameters(group, where=f"param_groups[{index}]", check_tensor_value=False)
         self._pending.pop(index, None)
-        _refuse_distributed_blocks(self, group, index)
         if torch.compiler.is_compiling():
             self._check_params_for_step(group, index)
             return
@@ -1129,26 +1128,6 @@ def _validate_hyperparameters(
     nu_eps = group.get("normuon_eps", 1e-8)
     if not _is_real(nu_eps) or not (math.isfinite(nu_eps) and nu_eps > 0.0):
         raise ValueError(f"{where}: normuon_eps must be a finite number > 0, got {nu_eps!r}")
-
-
-def _refuse_distributed_blocks(optimizer: Any, group: dict[str, Any], index: int) -> None:
-    """The distributed step (FSDP2 DTensor params, distributed_mode="owner") has no matrix
-    blocks yet: a group that sets them is refused there rather than stepped as whole matrices."""
-    if not _distributed.wanted(optimizer, group):
-        return
-    if group.get("normuon", False):
-        raise NotImplementedError(
-            f"param_groups[{index}] sets normuon=True, which the distributed step (FSDP2 DTensor "
-            "params or distributed_mode='owner') does not support yet"
-        )
-    if not blocking_requested(group.get("num_heads"), group.get("split_sizes")):
-        return
-    setting = "num_heads" if group.get("num_heads") is not None else "split_sizes"
-    raise NotImplementedError(
-        f"param_groups[{index}] sets {setting}={group[setting]!r}, which the distributed step "
-        "(FSDP2 DTensor params or distributed_mode='owner') does not support yet; leave "
-        "num_heads and split_sizes unset for such groups"
-    )
 
 
 def _validate_params(group: dict[str, Any], index: int) -> None:

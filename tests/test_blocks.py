@@ -500,14 +500,13 @@ def test_hybrid_refuses_block_settings_on_adamw_groups():
                        {"params": [b], "use_muon": False, "rms_target": 0.18}])
 
 
-def test_distributed_step_refuses_blocks():
+def test_distributed_step_takes_blocks_and_normuon():
+    # Checked at the step there (tests/test_distributed.py): only column blocks of params sharded
+    # among ranks and NorMuon on expert-sharded stacks are refused, by name.
     p = nn.Parameter(torch.randn(8, 8))
-    with pytest.raises(NotImplementedError, match=r"param_groups\[0\] sets num_heads=2.*distributed"):
-        Muon([p], num_heads=2, distributed_mode="owner")
-    with pytest.raises(NotImplementedError, match=r"sets split_sizes=\(4, 4\)"):
-        MuonWithAdamW([{"params": [p], "use_muon": True, "split_sizes": (4, 4)}],
-                      distributed_mode="owner")
-    # rms_target alone is fine there (it only changes the scale).
+    Muon([p], num_heads=2, split_sizes=(4, 4), normuon=True, distributed_mode="owner")
+    MuonWithAdamW([{"params": [p], "use_muon": True, "split_sizes": (4, 4), "split_dim": 1}],
+                  distributed_mode="owner")
     Muon([p], rms_target=0.18, adjust_lr_fn="match_rms_adamw", distributed_mode="owner")
 
 

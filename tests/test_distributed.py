@@ -410,10 +410,191 @@ def same_grads_bit_identical(rank, world, tmp):
     }
 
 
+class BlockNet(nn.Module):
+    """Params for num_heads, split_sizes and NorMuon: row counts that FSDP2 shards unevenly
+    (a shard may span two blocks), one blocked weight and one 3-D stack on Shard(1)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(U.SEED + 7)
+
+        def param(*shape):
+            return nn.Parameter(torch.randn(*shape, generator=gen) / shape[-1] ** 0.5)
+
+        self.heads = param(10, 6)  # num_heads=2: (2, 5, 6)
+        self.heads_cols = param(12, 6)  # num_heads=2: (2, 6, 6); Shard(1) under FSDP2
+        self.qkv = param(14, 6)  # split_sizes (8, 4, 2) x 2 heads, NorMuon
+        self.split = param(9, 4)  # split_sizes (5, 4)
+        self.plain = param(9, 5)  # NorMuon
+        self.wide = param(4, 9)  # NorMuon
+        self.stack = param(3, 6, 5)  # NorMuon; Shard(1) under FSDP2 (even: FSDP2 needs it)
+        self.c_attn = param(6, 12)  # column blocks (4, 4, 4) x 2 heads, NorMuon
+        self.c_cols = param(5, 12)  # column blocks (6, 6) x 2 heads; Shard(1) (cuts a head at 3)
+
+
+def _block_groups(model: BlockNet) -> list[dict]:
+    return [
+        {"params": [model.c_attn], "split_sizes": (4, 4, 4), "split_dim": 1, "num_heads": 2,
+         "normuon": True},
+        {"params": [model.c_cols], "split_sizes": (6, 6), "split_dim": 1, "num_heads": 2},
+        {"params": [model.heads, model.heads_cols], "num_heads": 2},
+        {"params": [model.qkv], "split_sizes": (8, 4, 2), "num_heads": 2, "normuon": True,
+         "normuon_beta2": 0.9},
+        {"params": [model.split], "split_sizes": (5, 4), "adjust_lr_fn": "match_rms_adamw"},
+        {"params": [model.plain, model.wide, model.stack], "normuon": True, "nesterov": False},
+    ]
+
+
+def _resumed(model, opt, dcp_path=None, **kwargs):
+    """A fresh optimizer loaded from ``opt``'s checkpoint: its state_dict, or with dcp_path a
+    torch.distributed.checkpoint round trip (FSDP2)."""
+    fresh = Muon(_block_groups(model), **U.HYPER, **kwargs)
+    if dcp_path is None:
+        fresh.load_state_dict(opt.state_dict())
+        return fresh
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_state_dict
+
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=dcp_path)
+    opt.zero_grad(set_to_none=True)  # else the fresh optimizer's zero step would not run
+    loaded = {"optim": get_optimizer_state_dict(model, fresh)}  # a zero step makes its state
+    dcp.load(loaded, checkpoint_id=dcp_path)
+    set_state_dict(model, fresh, model_state_dict={}, optim_state_dict=loaded["optim"])
+    return fresh
+
+
+def blocks_normuon_bit_identical(rank, world, tmp):
+    """num_heads, split_sizes (row and column blocks) and NorMuon given exactly the single
+    process's
+    gradients: DDP owner mode and FSDP2 reproduce the single-process fused step bit for bit,
+    params, momentum and NorMuon's v, also after resuming from a checkpoint (state_dict; DCP
+    for FSDP2) before the last step; every rank holds the same state keys."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    single = BlockNet()
+    single_opt = Muon(_block_groups(single), **U.HYPER)
+    owner = BlockNet()
+    owner_opt = Muon(_block_groups(owner), **U.HYPER, distributed_mode="owner")
+    sharded = BlockNet()
+    cols = {sharded.heads_cols, sharded.stack, sharded.c_cols}
+    fully_shard(sharded, mesh=init_device_mesh("cpu", (world,)),
+                shard_placement_fn=lambda p: Shard(1) if p in cols else None)
+    sharded_opt = Muon(_block_groups(sharded), **U.HYPER)
+    for step in range(U.STEPS):
+        if step == U.STEPS - 1:  # the last step resumes both from checkpoints
+            owner_opt = _resumed(owner, owner_opt, distributed_mode="owner")
+            sharded_opt = _resumed(sharded, sharded_opt, dcp_path=os.path.join(tmp, "blocks"))
+        gen = torch.Generator().manual_seed(U.SEED + 200 + step)
+        g = {n: torch.randn(p.shape, generator=gen) for n, p in single.named_parameters()}
+        for model in (single, owner):
+            for n, p in model.named_parameters():
+                p.grad = g[n].clone()
+        for n, p in sharded.named_parameters():
+            p.grad = distribute_tensor(g[n].clone(), p.device_mesh, p.placements)
+        for opt in (single_opt, owner_opt, sharded_opt):
+            opt.step()
+
+    def full(t):
+        return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+    def same(model, opt):
+        ref_state = {n: single_opt.state[p] for n, p in single.named_parameters()}
+        ref = dict(single.named_parameters())
+        out = {}
+        for n, p in model.named_parameters():
+            st = opt.state[p]
+            out[n] = [
+                torch.equal(full(p.detach()), ref[n].detach()),
+                sorted(st) == sorted(ref_state[n]),
+                all(torch.equal(full(st[k]), ref_state[n][k]) for k in ref_state[n]),
+            ]
+        return out
+
+    return {
+        "owner": same(owner, owner_opt),
+        "fsdp": same(sharded, sharded_opt),
+        "owner_keys": _state_keys(owner, owner_opt),
+        "fsdp_keys": _state_keys(sharded, sharded_opt),
+        "v_is_dtensor": type(sharded_opt.state[sharded.qkv]["normuon_v"]).__name__,
+        "v_moved": all(bool(single_opt.state[p]["normuon_v"].min() > 0)
+                       for p in (single.qkv, single.plain, single.stack)),
+    }
+
+
+def dtensor_layouts_blocks(rank, world, tmp):
+    """Row blocks and NorMuon on hand-made layouts (uneven Shard(1), Shard(0) with empty
+    shards, HSDP-like Replicate + Shard(0)): bit for bit with plain tensors given the same
+    grads; the gather fallback refuses them on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("outer", "inner"))
+    layouts = [
+        ((13, 5), mesh, [Shard(1)], {"split_sizes": (8, 5), "normuon": True}),
+        ((2, 9), mesh, [Shard(0)], {"normuon": True}),
+        ((9, 4), mesh2, [Replicate(), Shard(0)],
+         {"split_sizes": (3, 6), "num_heads": 3, "normuon": True}),
+    ]
+    g = torch.Generator().manual_seed(U.SEED + 3)
+    fulls = [torch.randn(shape, generator=g) for shape, _, _, _ in layouts]
+    plain = [nn.Parameter(t.clone()) for t in fulls]
+    dts = [
+        nn.Parameter(distribute_tensor(t.clone(), m, pl, src_data_rank=None))
+        for t, (_, m, pl, _) in zip(fulls, layouts)
+    ]
+    ref_opt = Muon([{"params": [p], **kw} for p, (*_, kw) in zip(plain, layouts)], **U.HYPER)
+    opt = Muon([{"params": [p], **kw} for p, (*_, kw) in zip(dts, layouts)], **U.HYPER)
+    for _ in range(U.STEPS):
+        grads = [torch.randn(t.shape, generator=g) for t in fulls]
+        for p, q, gr, (_, m, pl, _) in zip(plain, dts, grads, layouts):
+            p.grad = gr.clone()
+            q.grad = distribute_tensor(gr.clone(), m, pl, src_data_rank=None)
+        ref_opt.step()
+        opt.step()
+    same = [
+        torch.equal(q.detach().full_tensor(), p.detach())
+        and torch.equal(opt.state[q]["normuon_v"].full_tensor(), ref_opt.state[p]["normuon_v"])
+        for p, q in zip(plain, dts)
+    ]
+    gathered = nn.Parameter(distribute_tensor(torch.randn(6, 9), mesh2, [Shard(1), Shard(0)],
+                                              src_data_rank=None))
+    gathered.grad = torch.zeros_like(gathered)
+    try:
+        Muon([gathered], num_heads=3, **U.HYPER).step()
+        refused = ""
+    except NotImplementedError as exc:
+        refused = str(exc)
+    return {"same": same, "refused": refused}
+
+
+def blocks_refusals(rank, world, tmp):
+    """What the distributed step still refuses, on every rank, before any state changes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    errors = {}
+    model = U.make_model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    opt = Muon([model.experts], **U.HYPER, normuon=True)  # experts: Shard(0), whole matrices
+    model.experts.grad = torch.zeros_like(model.experts)
+    try:
+        opt.step()
+    except NotImplementedError as exc:
+        errors["experts"] = str(exc)
+    errors["state"] = len(opt.state)
+    return errors
+
+
 SCENARIOS = {
     f.__name__: f
     for f in (
         same_grads_bit_identical,
+        blocks_normuon_bit_identical,
+        dtensor_layouts_blocks,
+        blocks_refusals,
         ddp_owner,
         fsdp,
         fsdp_shard_local,
@@ -463,6 +644,32 @@ def test_same_gradients_give_the_single_process_step_bit_for_bit(results, world)
     for m in U.rank_metrics(results, world, "same_grads_bit_identical"):
         keys = ("owner_params", "owner_momentum", "fsdp_params", "fsdp_momentum")
         assert all(m[k] is True for k in keys), m
+
+
+@worlds
+def test_blocks_and_normuon_give_the_single_process_step_bit_for_bit(results, world):
+    for m in U.rank_metrics(results, world, "blocks_normuon_bit_identical"):
+        for mode in ("owner", "fsdp"):
+            bad = {n: r for n, r in m[mode].items() if r != [True, True, True]}
+            assert not bad, (mode, bad)  # [param, state keys, state values] per param
+            keys = m[f"{mode}_keys"]
+            assert all(k == keys[0] for k in keys), keys
+        assert m["v_is_dtensor"] == "DTensor"  # FSDP2: v sharded like the param
+        assert m["v_moved"]  # NorMuon really ran (every row's v left 0)
+
+
+@worlds
+def test_blocks_and_normuon_on_hand_made_layouts(results, world):
+    for m in U.rank_metrics(results, world, "dtensor_layouts_blocks"):
+        assert m["same"] == [True, True, True], m
+        assert "num_heads / split_sizes is not supported there" in m["refused"], m
+
+
+@worlds
+def test_distributed_step_refuses_normuon_on_expert_shards(results, world):
+    for m in U.rank_metrics(results, world, "blocks_refusals"):
+        assert "normuon=True is not supported" in m["experts"], m
+        assert m["state"] == 0, m  # refused before any state was made
 
 
 @worlds

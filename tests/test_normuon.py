@@ -454,3 +454,28 @@ def test_cuda_workspace_bytes_counts_normuon():
     params = [nn.Parameter(torch.randn(3, 16, 40, device="cuda")),
               nn.Parameter(torch.randn(2, 40, 16, device="cuda"))]
     assert Muon(params, normuon=True).workspace_bytes() == plain + 1024
+
+
+def test_distributed_normuon_fallback_matches_the_op_and_honours_found_inf():
+    """The distributed step's NorMuon off the CPU op (CUDA, the pure-PyTorch route) is the ATen
+    formula: it agrees with muon_normuon_ and leaves x and v alone when found_inf is set."""
+    from muon_ext import distributed as mdist
+
+    shapes = [2, 5, 3, 1, 4, 7]
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2 * 5 * 3 + 4 * 7, generator=gen)
+    vs = [torch.rand(10, generator=gen), torch.rand(4, generator=gen)]
+    sc = mdist._Scalars(beta=0.9, nesterov=True, eps=1e-7, weight_decay=0.0, flat=[], schedule=[],
+                        ns_algorithm="standard", gram_restarts=[], workspace_limit=-1, lr=0.1,
+                        grad_scale=None, found_inf=torch.tensor(1.0), normuon=True,
+                        normuon_beta2=0.9, normuon_eps=1e-6)
+    x1, v1 = x.clone(), [v.clone() for v in vs]
+    mdist._normuon("reference", x1, shapes, v1, sc)
+    assert torch.equal(x1, x) and all(torch.equal(a, b) for a, b in zip(v1, vs))
+    sc.found_inf = torch.tensor(0.0)
+    mdist._normuon("reference", x1, shapes, v1, sc)
+    x2, v2 = x.clone(), [v.clone() for v in vs]
+    ops.muon_normuon_(x2, shapes, v2, 0.9, 1e-6)
+    torch.testing.assert_close(x1, x2, rtol=1e-6, atol=1e-7)
+    for a, b in zip(v1, v2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)

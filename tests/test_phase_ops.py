@@ -61,6 +61,47 @@ def test_phases_compose_to_the_fused_step_bit_for_bit(seed, device, dtype, neste
     assert all(p.isfinite().all() for p in params)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_normuon_between_the_phases_is_the_fused_normuon_step(seed, dtype):
+    """muon_normuon_ (CPU) between orthogonalize and update writes muon_step_'s NorMuon floats,
+    params and v; with found_inf set it changes nothing."""
+    params, grads, bufs, scales = _inputs(SHAPES, dtype, "cpu")
+    vs = [torch.rand(s[0], s[1]) for s in SHAPES]
+    p2, b2, v2 = [p.clone() for p in params], [b.clone() for b in bufs], [v.clone() for v in vs]
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    ops.muon_step_(p2, grads, b2, lr, 0.9, True, 0.1, 1e-7, FLAT, scales,
+                   normuon_buffers=v2, normuon_beta2=0.9, normuon_eps=1e-6)
+    out = torch.empty(sum(g.numel() for g in grads))
+    ops.muon_momentum_(grads, bufs, 0.9, True, None, None, out)
+    ops.muon_orthogonalize_(out, _flat_shapes(SHAPES), FLAT, 1e-7)
+    before = [v.clone() for v in vs]
+    x = out.clone()
+    ops.muon_normuon_(x, _flat_shapes(SHAPES), vs, 0.9, 1e-6, torch.tensor(1.0))
+    assert torch.equal(x, out) and all(torch.equal(a, b) for a, b in zip(vs, before))
+    ops.muon_normuon_(out, _flat_shapes(SHAPES), vs, 0.9, 1e-6)
+    ops.muon_update_(params, out, lr, 0.1, scales)
+    for a, b in zip(params + bufs + vs, p2 + b2 + v2):
+        assert torch.equal(a, b)
+
+
+def test_phase_ops_take_disjoint_views_of_one_storage(seed):
+    """Row blocks of one param may share a momentum / update call (the distributed step's
+    blocks); overlapping views may not."""
+    p, g, m = torch.randn(6, 4), torch.randn(6, 4), torch.randn(6, 4)
+    p2, m2 = p.clone(), m.clone()
+    out, whole = torch.empty(24), torch.empty(24)
+    ops.muon_momentum_([g[:2], g[2:]], [m[:2], m[2:]], 0.9, True, None, None, out)
+    ops.muon_momentum_([g], [m2], 0.9, True, None, None, whole)
+    assert torch.equal(out, whole) and torch.equal(m, m2)
+    lr = torch.tensor(0.1)
+    ops.muon_update_([p[:2], p[2:]], out, lr, 0.1, [1.0, 2.0])
+    ops.muon_update_([p2[:2]], out[:8], lr, 0.1, [1.0])
+    ops.muon_update_([p2[2:]], out[8:], lr, 0.1, [2.0])
+    assert torch.equal(p, p2)
+    with pytest.raises(RuntimeError, match="share storage"):
+        ops.muon_update_([p[:3], p[2:]], torch.empty(28), lr, 0.1, [1.0, 1.0])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_orthogonalize_in_chunks_is_bit_identical(seed, device):
     shapes = [(5, 9, 7), (3, 7, 9), (1, 64, 32)]
@@ -144,6 +185,11 @@ def test_copy_blocks_moves_strided_blocks(seed):
          "share storage"),
         (lambda t: ops.muon_update_([t["p"]], t["a"][:12], torch.ones(2), 0.0, [1.0]),
          "lr must be a 1-element"),
+        (lambda t: ops.muon_normuon_(t["a"][:12], [1, 3, 4], [torch.zeros(4)]), "has 4 elements"),
+        (lambda t: ops.muon_normuon_(t["a"][:12], [1, 3, 4], []), "normuon_v has 0"),
+        (lambda t: ops.muon_normuon_(t["a"][:12], [1, 3, 4], [t["a"][10:13]]), "share storage"),
+        (lambda t: ops.muon_normuon_(t["a"][:12], [1, 3, 4], [torch.zeros(3)], 1.0),
+         "normuon_beta2"),
     ],
 )
 def test_bad_arguments_are_named_and_change_nothing(call, match):
@@ -176,3 +222,5 @@ def test_opcheck_phase_ops(seed):
                           (params, out, torch.tensor(0.05), 0.1, scales))
     torch.library.opcheck(torch.ops.muon_ext.muon_copy_blocks_.default,
                           (out, torch.empty(8), [0, 9, 0, 4, 2, 4]))
+    torch.library.opcheck(torch.ops.muon_ext.muon_normuon_.default,
+                          (out, _flat_shapes(shapes), [torch.zeros(5), torch.zeros(8)], 0.95, 1e-8))

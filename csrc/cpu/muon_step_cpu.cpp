@@ -322,6 +322,25 @@ void fill_pass(const WorkItem* items, int64_t num_items, int64_t chunk_first,
   });
 }
 
+// NorMuon's per-matrix tail (NOTE: [NorMuon] in muon_step_args.h): from the row sums of squares
+// q (one matrix's rows, in double) updates the matrix's v and writes the row multipliers
+// f * s_i into r. Overwrites q. Shared by muon_step_ and muon_normuon_, so both compute the
+// same floats.
+void normuon_row_scales(std::vector<double>& q, float* v, int64_t cols, double beta2, double eps,
+                        float* r) {
+  const int64_t rows = static_cast<int64_t>(q.size());
+  double sum_q = 0.0, sum_sq = 0.0;
+  for (int64_t i = 0; i < rows; ++i) {
+    v[i] = static_cast<float>(beta2 * v[i] + (1.0 - beta2) * (q[i] / cols));
+    const double si = 1.0 / (std::sqrt(static_cast<double>(v[i])) + eps);
+    sum_q += q[i];
+    sum_sq += si * si * q[i];
+    q[i] = si;  // q now holds s_i
+  }
+  const double f = sum_sq > 0.0 ? std::sqrt(sum_q / sum_sq) : 0.0;
+  for (int64_t i = 0; i < rows; ++i) r[i] = static_cast<float>(f * q[i]);
+}
+
 // NorMuon (NOTE: [NorMuon] in muon_step_args.h) for a chunk's matrices: updates each row's v and
 // writes the row multipliers f * s_i into row_scale (kNorMuonStride = the bucket's n floats per
 // matrix, since a matrix has m or n rows depending on its orientation). Sums in double, over
@@ -353,17 +372,7 @@ void normuon_pass(const WorkItem* items, const std::vector<int64_t>& firsts, int
           q[i] = acc;
         }
       }
-      float* r = row_scale + k * stride;
-      double sum_q = 0.0, sum_sq = 0.0;
-      for (int64_t i = 0; i < rows; ++i) {
-        v[i] = static_cast<float>(beta2 * v[i] + (1.0 - beta2) * (q[i] / cols));
-        const double si = 1.0 / (std::sqrt(static_cast<double>(v[i])) + eps);
-        sum_q += q[i];
-        sum_sq += si * si * q[i];
-        q[i] = si;  // q now holds s_i
-      }
-      const double f = sum_sq > 0.0 ? std::sqrt(sum_q / sum_sq) : 0.0;
-      for (int64_t i = 0; i < rows; ++i) r[i] = static_cast<float>(f * q[i]);
+      normuon_row_scales(q, v, cols, beta2, eps, row_scale + k * stride);
     }
   });
 }
@@ -732,6 +741,45 @@ void muon_copy_blocks_cpu(const at::Tensor& src, const at::Tensor& dst, at::IntA
   });
 }
 
+// muon_normuon_ (NOTE: [Phase ops]): NorMuon on orthogonalized matrices packed in x, in the
+// param's orientation. The row sums of squares run over columns in index order, as normuon_pass
+// takes them from either orientation, and each element becomes float(f s_i) * O_ij, the factor
+// muon_step_'s update_pass applies: muon_update_ on the result then writes muon_step_'s floats.
+void muon_normuon_cpu(const at::Tensor& x, at::IntArrayRef shapes, at::TensorList normuon_v,
+                      double beta2, double eps, const c10::optional<at::Tensor>& found_inf) {
+  const std::vector<at::Tensor> views =
+      check_normuon_args(x, shapes, normuon_v, beta2, eps, found_inf, c10::DeviceType::CPU);
+  if (host_scalar(found_inf, 0.0) != 0.0) return;  // v keeps its value, as in muon_step_
+  std::vector<std::pair<int64_t, int64_t>> matrices;  // (segment, matrix)
+  for (size_t k = 0; k < views.size(); ++k) {
+    if (views[k].size(1) == 0 || views[k].size(2) == 0) continue;
+    for (int64_t b = 0; b < views[k].size(0); ++b) matrices.emplace_back(k, b);
+  }
+  at::parallel_for(0, static_cast<int64_t>(matrices.size()), 1, [&](int64_t lo, int64_t hi) {
+    std::vector<double> q;
+    std::vector<float> r;
+    for (int64_t w = lo; w < hi; ++w) {
+      const auto [k, b] = matrices[w];
+      const int64_t rows = views[k].size(1), cols = views[k].size(2);
+      float* o = views[k].data_ptr<float>() + b * rows * cols;
+      float* v = normuon_v[k].data_ptr<float>() + b * rows;
+      q.assign(static_cast<size_t>(rows), 0.0);
+      r.resize(static_cast<size_t>(rows));
+      for (int64_t i = 0; i < rows; ++i) {
+        double acc = 0.0;
+        for (int64_t j = 0; j < cols; ++j) {
+          acc += static_cast<double>(o[i * cols + j]) * o[i * cols + j];
+        }
+        q[i] = acc;
+      }
+      normuon_row_scales(q, v, cols, beta2, eps, r.data());
+      for (int64_t i = 0; i < rows; ++i) {
+        for (int64_t j = 0; j < cols; ++j) o[i * cols + j] = r[i] * o[i * cols + j];
+      }
+    }
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(muon_ext, CPU, m) {
@@ -739,6 +787,7 @@ TORCH_LIBRARY_IMPL(muon_ext, CPU, m) {
   m.impl("muon_orthogonalize_", &muon_orthogonalize_cpu);
   m.impl("muon_update_", &muon_update_cpu);
   m.impl("muon_copy_blocks_", &muon_copy_blocks_cpu);
+  m.impl("muon_normuon_", &muon_normuon_cpu);
   m.impl("muon_step_", &muon_step_cpu);
   m.impl("newton_schulz", &newton_schulz_cpu);
   m.impl("muon_step_workspace_bytes", &muon_step_workspace_bytes_cpu);
