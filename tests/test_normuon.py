@@ -466,7 +466,8 @@ def test_distributed_normuon_fallback_matches_the_op_and_honours_found_inf():
     x = torch.randn(2 * 5 * 3 + 4 * 7, generator=gen)
     vs = [torch.rand(10, generator=gen), torch.rand(4, generator=gen)]
     sc = mdist._Scalars(beta=0.9, nesterov=True, eps=1e-7, weight_decay=0.0, flat=[], schedule=[],
-                        ns_algorithm="standard", gram_restarts=[], workspace_limit=-1, lr=0.1,
+                        ns_algorithm="standard", gram_restarts=[], workspace_limit=-1,
+                        ns_dtype="bfloat16", lr=0.1,
                         grad_scale=None, found_inf=torch.tensor(1.0), normuon=True,
                         normuon_beta2=0.9, normuon_eps=1e-6)
     x1, v1 = x.clone(), [v.clone() for v in vs]
