@@ -560,7 +560,6 @@ def _agree(
             by_pg.setdefault(id(u.agree_pg), (u.agree_pg, []))[1].append(u)
     for pg, units in by_pg.values():
         world = dist.get_world_size(pg)
-        device = _comm_device(pg, units)
         hpg = _host_group(rt, pg)
         fingerprint = layout.fingerprints.get(id(pg))
         if fingerprint is None:
@@ -584,7 +583,7 @@ def _agree(
                 "unset, since ZeRO already gives each parameter to one rank."
             )
         if any(row[4] for row in gathered):
-            _verify_replicated(rt, units, pg, device)
+            _verify_replicated(rt, units, pg, _comm_device(pg, units))
             layout.verified.add(id(pg))
         if any(row[3] != gathered[0][3] for row in gathered):
             counts = torch.tensor(bits, dtype=torch.int32)

@@ -345,8 +345,9 @@ class Muon(Optimizer):
         # Per group: (key, state tensors, calls, the params' state dicts): NOTE: [Cached plan].
         self._plans: dict[int, tuple[tuple, list[Any], list[_Call], list[dict]]] = {}
         self._dist_checked: dict[int, tuple] = {}  # distributed groups: key of the last check
-        # What the check phase of the current step found for each group: (params, grads).
-        self._pending: dict[int, tuple[list[Tensor], list[Tensor]]] = {}
+        # What the check phase of the current step found for each group: (params, grads, plan
+        # key, whether the cached plan is fresh).
+        self._pending: dict[int, tuple[list[Tensor], list[Tensor], tuple, bool]] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -450,9 +451,9 @@ class Muon(Optimizer):
     def _check_group_for_step(self, group: dict[str, Any], index: int) -> None:
         """Everything that could make the step fail, checked before any state is touched.
 
-        Per step only the grads are looked at (one cheap comparison per param); the checks of
-        the params and their state run again only when the cached plan is stale
-        (NOTE: [Cached plan]).
+        Per step only the grads are looked at (one C++ pass, _step_facts); the checks of the
+        params and their state run again only when the cached plan (or, for a distributed
+        group, the last check) is stale (NOTE: [Cached plan]).
         """
         _validate_hyperparameters(group, where=f"param_groups[{index}]", check_tensor_value=False)
         self._pending.pop(index, None)
@@ -464,17 +465,16 @@ class Muon(Optimizer):
         bad, pointers = _step_facts(params, grads)
         if bad >= 0:
             self._check_params_for_step(group, index)  # raises, naming the param
+        key = (tuple(map(id, params)), pointers, *_group_rules(group))
         if _distributed.wanted(self, group):
             # The distributed driver keeps its own plan; the per-param checks run again only
             # when the params or rules change (or a checkpoint is loaded).
-            key = (tuple(map(id, params)), pointers, *_group_rules(group))
             if self._dist_checked.get(index) != key:
                 self._check_params_for_step(group, index)
                 self._dist_checked[index] = key
             return
         # The per-param checks run again only when the cached plan is stale; the plan itself is
         # (re)built in the step phase, since it creates state and the check phase changes nothing.
-        key = (tuple(map(id, params)), pointers, *_group_rules(group))
         cached = self._plans.get(index)
         fresh = cached is not None and cached[0] == key and _same_buffers(cached[1], cached[3])
         if not fresh:
