@@ -89,25 +89,61 @@ py::dict build_info() {
   return d;
 }
 
+// FNV-1a over 64-bit words, for the host-side cache keys below.
+struct WordHash {
+  uint64_t value = 1469598103934665603ull;
+  void mix(uint64_t word) { value = (value ^ word) * 1099511628211ull; }
+  // A tensor's data pointer, shape, dtype and device: a `p.data = ...` swap changes it, even to
+  // a view of the same storage.
+  void mix(const at::Tensor& t) {
+    mix(reinterpret_cast<uintptr_t>(t.has_storage() ? t.data_ptr() : nullptr));
+    mix(static_cast<uint64_t>(t.dim()));
+    for (const int64_t size : t.sizes()) {
+      mix(static_cast<uint64_t>(size));
+    }
+    mix(static_cast<uint64_t>(t.scalar_type()) |
+        (static_cast<uint64_t>(static_cast<uint8_t>(t.device().type())) << 8) |
+        (static_cast<uint64_t>(static_cast<uint8_t>(t.device().index())) << 16));
+  }
+  int64_t result() const { return static_cast<int64_t>(value >> 1); }
+};
+
 // The per-step host facts of a group's params (NOTE: [Cached plan] in muon_ext/optim.py), in one
-// C++ pass instead of several attribute reads per param in Python: the index of the first grad
-// whose shape, dtype or device differs from its param's or that is sparse (-1: none), and a hash
-// of the params' data pointers (a `p.data = ...` swap changes it).
-py::tuple step_facts(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads) {
-  TORCH_CHECK(params.size() == grads.size(), "step_facts: params and grads differ in length");
+// C++ pass instead of several attribute reads per param in Python (reading `p.grad` of a
+// DTensor costs about half a microsecond in Python): each param's grad (None where it has none),
+// the index of the first grad whose shape, dtype or device differs from its param's or that is
+// sparse (-1: none), and a hash of which params have grads and of those params' data pointers,
+// shapes, dtypes and devices.
+py::tuple step_facts(const std::vector<at::Tensor>& params) {
+  py::list grads(params.size());
   int64_t bad = -1;
-  uint64_t hash = 1469598103934665603ull;  // FNV-1a over the pointers
+  WordHash hash;
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
-    const at::Tensor& g = grads[i];
+    const at::Tensor& g = p.grad();
+    hash.mix(static_cast<uint64_t>(g.defined()));
+    if (!g.defined()) {
+      grads[i] = py::none();
+      continue;
+    }
     if (bad < 0 && (g.is_sparse() || g.sizes() != p.sizes() || g.scalar_type() != p.scalar_type() ||
                     g.device() != p.device())) {
       bad = static_cast<int64_t>(i);
     }
-    const uint64_t ptr = reinterpret_cast<uintptr_t>(p.has_storage() ? p.data_ptr() : nullptr);
-    hash = (hash ^ ptr) * 1099511628211ull;
+    hash.mix(p);
+    grads[i] = py::cast(g);
   }
-  return py::make_tuple(bad, static_cast<int64_t>(hash >> 1));
+  return py::make_tuple(std::move(grads), bad, hash.result());
+}
+
+// A hash of tensors' data pointers, shapes, dtypes and devices (the distributed step's layout
+// key, over its params' local tensors).
+int64_t tensors_hash(const std::vector<at::Tensor>& tensors) {
+  WordHash hash;
+  for (const at::Tensor& t : tensors) {
+    hash.mix(t);
+  }
+  return hash.result();
 }
 
 }  // namespace
@@ -116,6 +152,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "muon_ext compiled core: registers torch.ops.muon_ext.* and reports build info";
   m.def("build_info", &build_info, "How this extension was built (torch, CUDA, cuBLAS, archs)");
   m.def("step_facts", &step_facts,
-        "(index of the first grad not matching its param or -1, hash of the params' data "
-        "pointers)");
+        "(each param's grad or None, index of the first grad not matching its param or -1, "
+        "hash of which params have grads and of their data pointers, shapes, dtypes and "
+        "devices)");
+  m.def("tensors_hash", &tensors_hash,
+        "hash of the tensors' data pointers, shapes, dtypes and devices");
 }

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._extension import extension_available
+from ._extension import _C, extension_available
 
 __all__ = [
     "FUSED_DTYPES",
@@ -21,6 +21,8 @@ __all__ = [
     "lr_tensor",
     "momentum_dtype",
     "scalar_on",
+    "step_facts",
+    "tensors_hash",
     "takes_fused_step",
 ]
 
@@ -69,3 +71,32 @@ def lr_tensor(lr: float | Tensor, device: torch.device) -> Tensor:
     # A CPU float64 scalar (read on the host by the op). Under torch.compile a float lr is a
     # constant of the graph, and a new value recompiles: schedule a Tensor lr instead.
     return torch.tensor(float(lr), dtype=torch.float64)
+
+
+def step_facts(params: list[Tensor]) -> tuple[list[Tensor | None], int, int]:
+    """(each param's grad or None; the index of the first grad whose shape, dtype or device
+    differs from its param's, or that is sparse, else -1; a hash of which params have grads
+    and of those params' data pointers, shapes, dtypes and devices), in one C++ pass (NOTE:
+    [Cached plan] in muon_ext/optim.py)."""
+    if extension_available():
+        return _C.step_facts(params)
+    grads = [p.grad for p in params]
+    bad = next(
+        (i for i, (p, g) in enumerate(zip(params, grads)) if g is not None and (
+            g.is_sparse or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device)),
+        -1,
+    )
+    key = tuple(None if g is None else _tensor_facts(p) for p, g in zip(params, grads))
+    return grads, bad, hash(key)
+
+
+def tensors_hash(tensors: list[Tensor]) -> int:
+    """A hash of the tensors' data pointers, shapes, dtypes and devices (one C++ pass)."""
+    if extension_available():
+        return _C.tensors_hash(tensors)
+    return hash(tuple(map(_tensor_facts, tensors)))
+
+
+def _tensor_facts(t: Tensor) -> tuple:
+    # A DTensor has no storage of its own: its local tensor's pointer stands for it.
+    return getattr(t, "_local_tensor", t).data_ptr(), t.shape, t.dtype, t.device

@@ -19,8 +19,8 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import distributed as _distributed
 from . import ops
-from ._extension import _C, extension_available
 from .dispatch import FUSED_DTYPES, momentum_dtype
+from .dispatch import step_facts as _step_facts
 from .dispatch import fused_supported as _fused_supported
 from .dispatch import lr_tensor as _lr_tensor
 from .dispatch import scalar_on as _scalar_on
@@ -346,8 +346,9 @@ class Muon(Optimizer):
         self._plans: dict[int, tuple[tuple, list[Any], list[_Call], list[dict]]] = {}
         self._dist_checked: dict[int, tuple] = {}  # distributed groups: key of the last check
         # What the check phase of the current step found for each group: (params, grads, plan
-        # key, whether the cached plan is fresh).
-        self._pending: dict[int, tuple[list[Tensor], list[Tensor], tuple, bool]] = {}
+        # key, whether the cached plan is fresh); for a distributed group, each param's grad (or
+        # None) by position.
+        self._pending: dict[int, Any] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and state
@@ -460,19 +461,22 @@ class Muon(Optimizer):
         if torch.compiler.is_compiling():
             self._check_params_for_step(group, index)
             return
-        params = [p for p in group["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
-        bad, pointers = _step_facts(params, grads)
+        all_grads, bad, facts = _step_facts(group["params"])
         if bad >= 0:
             self._check_params_for_step(group, index)  # raises, naming the param
-        key = (tuple(map(id, params)), pointers, *_group_rules(group))
         if _distributed.wanted(self, group):
             # The distributed driver keeps its own plan; the per-param checks run again only
-            # when the params or rules change (or a checkpoint is loaded).
+            # when the params or rules change (or a checkpoint is loaded). It takes the grads
+            # as read here, by position.
+            key = (tuple(map(id, group["params"])), facts, *_group_rules(group))
             if self._dist_checked.get(index) != key:
                 self._check_params_for_step(group, index)
                 self._dist_checked[index] = key
+            self._pending[index] = all_grads
             return
+        params = [p for p, g in zip(group["params"], all_grads) if g is not None]
+        grads = [g for g in all_grads if g is not None]
+        key = (tuple(map(id, params)), facts, *_group_rules(group))
         # The per-param checks run again only when the cached plan is stale; the plan itself is
         # (re)built in the step phase, since it creates state and the check phase changes nothing.
         cached = self._plans.get(index)
@@ -586,7 +590,8 @@ class Muon(Optimizer):
         """Updates one (already checked) group; ``MuonWithAdamW`` overrides it to route AdamW groups."""
         # -- distributed hook: DTensor (FSDP2) params and distributed_mode="owner" -----------
         if _distributed.wanted(self, group):
-            _distributed.step_group(self, index, group, grad_scale, found_inf)
+            _distributed.step_group(self, index, group, grad_scale, found_inf,
+                                    self._pending.pop(index, None))
             return
         # -- end distributed hook -------------------------------------------------------------
         pending = self._pending.pop(index, None)
@@ -675,19 +680,6 @@ class Muon(Optimizer):
                     ),
                 )
         return most
-
-
-def _step_facts(params: list[Tensor], grads: list[Tensor]) -> tuple[int, int]:
-    """(index of the first grad whose shape, dtype or device differs from its param's, or that
-    is sparse, else -1; a hash of the params' data pointers), in one C++ pass."""
-    if extension_available():
-        return _C.step_facts(params, grads)
-    bad = next(
-        (i for i, (p, g) in enumerate(zip(params, grads))
-         if g.is_sparse or g.shape != p.shape or g.dtype != p.dtype or g.device != p.device),
-        -1,
-    )
-    return bad, hash(tuple(p.data_ptr() for p in params))
 
 
 def _same_buffers(bufs: list[Any], states: list[dict]) -> bool:

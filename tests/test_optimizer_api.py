@@ -226,6 +226,51 @@ def test_plan_is_built_once_and_rebuilt_when_grads_change():
     assert len(call.indices) == 2
 
 
+def test_a_param_reshaped_in_place_is_seen_by_the_cached_plan():
+    """`p.data = p.data.view(...)` keeps the storage: the plan's key must still change, so the
+    momentum buffer of the old shape is reported instead of stepped through stale views."""
+    params = _params((8, 4), (4, 8))
+    opt = Muon(params)
+    for _ in range(2):
+        _set_grads(params)
+        opt.step()
+    params[0].data = params[0].data.view(4, 8)
+    params[0].grad = torch.randn(4, 8)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match=r"momentum_buffer of .* has shape \(8, 4\)"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["cpp", "python"])
+def test_step_facts_reads_grads_and_keys_params(native, monkeypatch):
+    from muon_ext import dispatch
+
+    if native and not dispatch.extension_available():
+        pytest.skip("the compiled core is not built")
+    if not native:
+        monkeypatch.setattr(dispatch, "extension_available", lambda: False)
+    a, b, c = torch.zeros(4, 6), torch.zeros(3, 3), torch.zeros(2, 2)
+    a.grad, c.grad = torch.ones(4, 6), torch.ones(2, 2)
+    c.data = torch.zeros(4)  # torch refuses a mismatched grad, but not a param changed later
+    grads, bad, _ = dispatch.step_facts([a, b, c])
+    assert grads[0] is a.grad and grads[1] is None and grads[2] is c.grad
+    assert bad == 2  # c's grad has another shape
+    c.data = torch.zeros(2, 2, dtype=torch.float64)
+    assert dispatch.step_facts([a, b, c])[1] == 2  # and now another dtype
+    c.data = torch.zeros(2, 2)
+    _, bad, key = dispatch.step_facts([a, b, c])
+    assert bad == -1 and dispatch.step_facts([a, b, c])[2] == key
+    a.data = a.data.view(6, 4)  # same storage, another shape
+    a.grad = torch.ones(6, 4)
+    _, _, reshaped = dispatch.step_facts([a, b, c])
+    b.grad = torch.ones(3, 3)  # which params have grads
+    _, _, more = dispatch.step_facts([a, b, c])
+    assert len({key, reshaped, more}) == 3
+    assert dispatch.tensors_hash([a, c]) == dispatch.tensors_hash([a, c])
+    assert dispatch.tensors_hash([a, c]) != dispatch.tensors_hash([a, c.double()])
+
+
 def test_non_contiguous_and_channels_last_params():
     base = torch.randn(6, 10)
     p_t = torch.nn.Parameter(base.t())  # (10, 6), non-contiguous
