@@ -54,7 +54,7 @@ from .coefficients import (
     resolve_ns_coefficients,
     update_scale,
 )
-from .dispatch import lr_tensor, momentum_dtype, scalar_on, takes_fused_step
+from .dispatch import lr_tensor, momentum_dtype, scalar_on, takes_fused_step, tensors_hash
 from .reference import (
     block_view,
     copy_blocks_packed_,
@@ -136,23 +136,38 @@ def step_group(
     group: dict[str, Any],
     grad_scale: Tensor | None,
     found_inf: Tensor | None,
+    grads: list[Tensor | None] | None = None,
 ) -> None:
-    """Steps one (already checked) param group of a ``muon_ext.Muon``, on every rank."""
+    """Steps one (already checked) param group of a ``muon_ext.Muon``, on every rank.
+    ``grads``: each param's grad or None, by position, as the check phase read them."""
     owner = getattr(optimizer, "distributed_mode", None) == "owner"
     if owner:
         _require_initialized()
     rt = _runtime(optimizer)
     default_pg = getattr(optimizer, "process_group", None)
     layout = rt.layout(index, group, owner, default_pg)
-    # In owner mode every rank takes part in the header exchange even with an empty group
-    # (ZeroRedundancyOptimizer can hand a rank none of a group's params): no rank waits alone.
-    must_agree = [_default_group(default_pg)] if owner else []
-    present, groups = _agree(rt, layout, must_agree)
+    if grads is None:
+        grads = [p.grad for p in group["params"]]
+    agreement = _agree_start(rt, layout, grads, owner, default_pg)
+    # While the headers are in flight, the host work that changes nothing: the settings, and
+    # for the units this rank has grads for, their state tensors (when cached: creating state
+    # waits for the agreement), grads and plan. Redone only if the ranks disagree on grads.
+    sc = _scalars(optimizer, group, grad_scale)
+    guess = layout.units if agreement.complete else [
+        u for u in layout.units if agreement.has[u.pos]
+    ]
+    early = None
+    if layout.collected is not None and layout.collected.fresh(guess, optimizer.state, sc.normuon):
+        early = _prepare(rt, layout, guess, grads, optimizer.state, sc, early=True)
+    has, groups = _agree_finish(rt, layout, agreement)
     if found_inf is not None:  # set on any rank: nothing changes anywhere (read on the device)
-        found_inf = _found_inf_anywhere(rt, found_inf, groups)
-    units = [u for u in layout.units if present[u]]
-    if units:
-        _step_group(rt, optimizer, group, layout, units, grad_scale, found_inf)
+        sc.found_inf = _found_inf_anywhere(rt, found_inf, groups)
+    units = guess if has is agreement.has else [u for u in layout.units if has[u.pos]]
+    if not units:
+        return
+    if early is None or units is not guess:
+        early = _prepare(rt, layout, units, grads, optimizer.state, sc)
+    _run(rt, units, early, sc)
 
 
 # ---------------------------------------------------------------------- layouts and plans
@@ -183,8 +198,6 @@ class _Unit:
     local: Any = None  # this rank's tensor of the param (the DTensor's local tensor)
     placements: Any = None  # a DTensor param's placements (None: a plain tensor)
     spec: Any = None  # a DTensor param's sharding spec (FSDP2's grads share it)
-    state: Any = None  # the param's state dict in `state_of` (an optimizer's state)
-    state_of: Any = None
     # Matrix blocks and NorMuon (NOTE: [Distributed matrix blocks]):
     shapes: list[tuple[int, int, int]] = field(default_factory=list)  # its matrices, in order
     rows_of: tuple[int, int] | None = None  # a row block of a whole param: its rows [lo, hi)
@@ -194,6 +207,13 @@ class _Unit:
     column_blocks: Any = None  # _SHARDED column blocks: the MatrixBlocks (pieces are columns)
     v_numel: int = 0  # NorMuon: entries of the param's v (normuon_rows), 0 with NorMuon off
     v_local: Any = None  # NorMuon: this rank's (entries, placements) of v (_v_layout)
+    grad_spec: Any = None  # a grad sharding spec seen to have the param's placements (cached)
+
+    @property
+    def whole(self) -> bool:
+        """Stepped as its local tensor as it stands (not as blocks, pieces or copies)."""
+        return (self.rows_of is None and self.column_block is None and self.pieces is None
+                and self.column_blocks is None)
 
     @property
     def tall(self) -> bool:
@@ -229,6 +249,8 @@ class _Layout:
     key: tuple
     fingerprints: dict[int, int] = field(default_factory=dict)  # per agreement group (id)
     verified: set[int] = field(default_factory=set)  # groups whose replicated params were checked
+    agreeing: list[tuple[Any, list[_Unit]]] | None = None  # _agree's groups and their units
+    collected: Any = None  # _Collected: the units' state tensors, while they stay the same
 
 
 @dataclass(eq=False)
@@ -272,13 +294,11 @@ class _Runtime:
             None if group.get("split_sizes") is None else tuple(group["split_sizes"]),
             group.get("split_dim", 0),
             bool(group.get("normuon", False)),
-            # Per param its identity and its local tensor's storage, shape and dtype (cheap
-            # attributes of a plain tensor): a DTensor keeps its placements for life, and a
+            # Per param its identity, and a hash of its local tensor's storage, shape, dtype
+            # and device (one C++ pass): a DTensor keeps its placements for life, and a
             # `p.data = ...` swap changes the local tensor.
-            tuple(
-                (id(p), local.data_ptr(), local.shape, local.dtype)
-                for p, local in zip(group["params"], map(_local, group["params"]))
-            ),
+            tuple(map(id, group["params"])),
+            tensors_hash(_locals(group["params"])),
         )
         cached = self.layouts.get(index)
         if cached is not None and cached.key == key:
@@ -539,28 +559,37 @@ def _make_plan(units: list[_Unit], steps: int) -> list[_Bucket]:
 # ---------------------------------------------------------------------- agreement
 
 
-def _agree(
-    rt: _Runtime, layout: _Layout, must_agree: list[Any]
-) -> tuple[dict[_Unit, bool], list[Any]]:
-    """Which params take part this step (a grad on every rank of their group), and the process
-    groups that agreed.
+@dataclass(eq=False)
+class _Agreement:
+    """The headers of one step in flight (_agree_start), and what this rank knows already."""
 
-    One all_gather of a 5-element header per process group (structure and which params have
-    grads: host facts, on the CPU for gloo); a second small collective only when the ranks
-    disagree about grads, or to check on a (re)built layout that "replicated" params really
-    are identical on every rank.
-    """
-    import torch.distributed as dist
+    has: list[bool]  # by position: this rank has the param's grad
+    complete: bool  # every param of the group has a grad here
+    headers: list[tuple[Any, list[_Unit], Tensor, Any]]  # (pg, its units, gathered, work)
 
-    present: dict[_Unit, bool] = {}
-    by_pg: dict[int, tuple[Any, list[_Unit]]] = {id(pg): (pg, []) for pg in must_agree}
-    for u in layout.units:
-        present[u] = u.param.grad is not None
-        if u.agree_pg is not None:
-            by_pg.setdefault(id(u.agree_pg), (u.agree_pg, []))[1].append(u)
-    for pg, units in by_pg.values():
-        world = dist.get_world_size(pg)
-        hpg = _host_group(rt, pg)
+
+def _agree_start(
+    rt: _Runtime, layout: _Layout, grads: list[Tensor | None], owner: bool, default_pg: Any
+) -> _Agreement:
+    """Issues this step's headers: one all_gather of a 5-element header per process group
+    (structure, which params have grads, whether to verify replication: host facts, on the
+    CPU for gloo). _agree_finish reads them; the host work in between overlaps them."""
+    has = [g is not None for g in grads]
+    complete = all(has)
+    if layout.agreeing is None:
+        # In owner mode every rank exchanges a header even with an empty group
+        # (ZeroRedundancyOptimizer can hand a rank none of a group's params): no rank waits
+        # alone.
+        by_pg: dict[int, tuple[Any, list[_Unit]]] = {}
+        if owner:
+            pg = _default_group(default_pg)
+            by_pg[id(pg)] = (pg, [])
+        for u in layout.units:
+            if u.agree_pg is not None:
+                by_pg.setdefault(id(u.agree_pg), (u.agree_pg, []))[1].append(u)
+        layout.agreeing = list(by_pg.values())
+    headers = []
+    for pg, units in layout.agreeing:
         fingerprint = layout.fingerprints.get(id(pg))
         if fingerprint is None:
             fingerprint = _hash(
@@ -569,29 +598,49 @@ def _agree(
             )
             layout.fingerprints[id(pg)] = fingerprint
         verify = id(pg) not in layout.verified
-        bits = [present[u] for u in units]
+        missing = _NONE_MISSING if complete else _hash(u.pos for u in units if not has[u.pos])
         header = torch.tensor(
-            [_HEADER_MAGIC, len(units), fingerprint, _hash(bits), int(verify)],
-            dtype=torch.int64,
+            [_HEADER_MAGIC, len(units), fingerprint, missing, int(verify)], dtype=torch.int64
         )
-        gathered = _all_gather(rt, header, hpg).view(world, -1).tolist()
-        if any(row[:3] != gathered[0][:3] for row in gathered):
+        hpg = _host_group(rt, pg)
+        gathered = torch.empty(_world(hpg) * header.numel(), dtype=torch.int64)
+        headers.append((pg, units, gathered, _all_gather_async(rt, gathered, header, hpg)))
+    return _Agreement(has, complete, headers)
+
+
+def _agree_finish(rt: _Runtime, layout: _Layout, a: _Agreement) -> tuple[list[bool], list[Any]]:
+    """Which params take part this step (a grad on every rank of their group), by position in
+    the group, and the process groups that agreed. A second small collective runs only when
+    the ranks disagree about grads, or to check on a (re)built layout that "replicated" params
+    really are identical on every rank."""
+    import torch.distributed as dist
+
+    has = a.has
+    for _, _, _, work in a.headers:  # all in flight: wait for every one before acting on any
+        work.wait()
+    for pg, units, gathered, _ in a.headers:
+        world = dist.get_world_size(pg)
+        rows = gathered.view(world, -1).tolist()
+        if any(row[:3] != rows[0][:3] for row in rows):
             raise RuntimeError(
                 "Muon: the ranks of a process group disagree on the parameters of the distributed "
                 "step (different models, param groups or shapes). distributed_mode='owner' needs "
                 "the same parameters on every rank (DDP); under ZeroRedundancyOptimizer leave it "
                 "unset, since ZeRO already gives each parameter to one rank."
             )
-        if any(row[4] for row in gathered):
+        if any(row[4] for row in rows):
             _verify_replicated(rt, units, pg, _comm_device(pg, units))
             layout.verified.add(id(pg))
-        if any(row[3] != gathered[0][3] for row in gathered):
-            counts = torch.tensor(bits, dtype=torch.int32)
-            dist.all_reduce(counts, group=hpg)
+        if any(row[3] != rows[0][3] for row in rows):
+            if has is a.has:
+                has = list(has)
+            counts = torch.tensor([a.has[u.pos] for u in units], dtype=torch.int32)
+            dist.all_reduce(counts, group=_host_group(rt, pg))
             rt.stats.collectives += 1
             partial = {}
             for u, c in zip(units, counts.tolist()):
-                present[u] = c == world
+                if c < world:  # a param's blocks share its position and its count
+                    has[u.pos] = False
                 if 0 < c < world:
                     partial.setdefault(id(u.param), u)
             if partial:
@@ -605,7 +654,7 @@ def _agree(
                     RuntimeWarning,
                     stacklevel=2,
                 )
-    return present, [pg for pg, _ in by_pg.values()]
+    return has, [pg for pg, _ in layout.agreeing]  # type: ignore[union-attr]
 
 
 def _found_inf_anywhere(rt: _Runtime, found_inf: Tensor, groups: list[Any]) -> Tensor:
@@ -686,74 +735,151 @@ class _Scalars:
     normuon_eps: float = 1e-8
 
 
-def _step_group(
-    rt: _Runtime,
-    optimizer: Any,
-    group: dict[str, Any],
-    layout: _Layout,
-    units: list[_Unit],
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-) -> None:
+def _scalars(optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None) -> _Scalars:
     schedule = resolve_ns_coefficients(group["ns_coefficients"], group["ns_steps"])
     limit = getattr(optimizer, "workspace_limit", None)
-    sc = _Scalars(
+    return _Scalars(
         beta=group["momentum"], nesterov=group["nesterov"], eps=group["eps"],
         weight_decay=group["weight_decay"], flat=flat_coefficients(schedule), schedule=schedule,
         ns_algorithm=group.get("ns_algorithm", "standard"),
         gram_restarts=resolve_gram_restarts(group.get("gram_restarts"), len(schedule)),
         ns_dtype=group.get("ns_dtype", "bfloat16"),
         workspace_limit=-1 if limit is None else int(limit), lr=group["lr"],
-        grad_scale=grad_scale, found_inf=found_inf, normuon=bool(group.get("normuon", False)),
+        grad_scale=grad_scale, found_inf=None, normuon=bool(group.get("normuon", False)),
         normuon_beta2=group.get("normuon_beta2", 0.95), normuon_eps=group.get("normuon_eps", 1e-8),
     )
-    state = optimizer.state
+
+
+@dataclass(eq=False)
+class _Prepared:
+    """A step's inputs: per unit its tensors (_unit_tensors), the copies to write back after
+    the step (column blocks), and the plan."""
+
+    tensors: dict
+    write_back: list[tuple[Tensor, Tensor]]
+    plan: list[_Bucket]
+
+
+def _prepare(
+    rt: _Runtime, layout: _Layout, units: list[_Unit], grads: list[Tensor | None], state: Any,
+    sc: _Scalars, early: bool = False,
+) -> _Prepared | None:
+    """The step's inputs; None if ``early`` (headers in flight) and a grad would need a
+    redistribute, a collective of its own that must wait for the agreement."""
     write_back: list[tuple[Tensor, Tensor]] = []
-    tensors = {u: _unit_tensors(state, u, sc.normuon, write_back) for u in units}
-    for b in rt.plan(layout, units, len(schedule)):
-        _step_bucket(rt, b, tensors, sc)
-    for dst, src in write_back:  # column blocks (unchanged copies when found_inf is set)
+    tensors = _unit_tensors(layout, units, grads, state, sc.normuon, write_back, early)
+    if tensors is None:
+        return None
+    return _Prepared(tensors, write_back, rt.plan(layout, units, len(sc.schedule)))
+
+
+def _run(rt: _Runtime, units: list[_Unit], prep: _Prepared, sc: _Scalars) -> None:
+    for b in prep.plan:
+        _step_bucket(rt, b, prep.tensors, sc)
+    for dst, src in prep.write_back:  # column blocks (unchanged copies when found_inf is set)
         dst.copy_(src)
     for u in units:
         if u.kind == _GATHER:
-            _step_gathered(rt, u, tensors[u][0][0], sc)
+            _step_gathered(rt, u, prep.tensors[u][0][0], sc)
 
 
-def _unit_tensors(
-    state: dict, u: _Unit, normuon: bool, write_back: list[tuple[Tensor, Tensor]]
-) -> tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor | None]:
-    """This rank's (param, grad, momentum) of a unit, one triple per piece (NOTE: [Distributed
-    matrix blocks]), and its NorMuon v (None with NorMuon off), creating zero state on first
-    use. Copies (column blocks) add their (destination, copy) pairs to ``write_back``."""
+@dataclass(eq=False)
+class _Collected:
+    """The state tensors of a layout's stepped units, made once and reused while the units, the
+    optimizer's state dict and the tensors in the units' state dicts stay the same."""
+
+    units: list[_Unit]
+    state: Any  # optimizer.state
+    normuon: bool
+    states: list[dict]  # per unit: its param's state dict,
+    held: list[tuple[Any, Any]]  # the (momentum_buffer, normuon_v) objects found there,
+    local: list[tuple[Tensor, Tensor | None]]  # and this rank's (momentum, v) of the unit
+
+    def fresh(self, units: list[_Unit], state: Any, normuon: bool) -> bool:
+        if self.units is not units or self.state is not state or self.normuon != normuon:
+            return False
+        if normuon:
+            from .optim import NORMUON_STATE_KEY
+
+            return all(
+                st.get("momentum_buffer") is m and st.get(NORMUON_STATE_KEY) is v
+                for st, (m, v) in zip(self.states, self.held)
+            )
+        return all(st.get("momentum_buffer") is m for st, (m, _) in zip(self.states, self.held))
+
+
+def _unit_state(state: Any, u: _Unit, normuon: bool) -> tuple[dict, tuple, tuple]:
+    """A unit's state dict, the (momentum_buffer, v) objects in it, and this rank's (momentum,
+    v) of the unit (v: None with NorMuon off), creating zero state on first use."""
+    from .optim import NORMUON_STATE_KEY
+
     p = u.param
-    if u.state_of is not state:  # the param's state dict, looked up once per optimizer.state
-        u.state, u.state_of = state[p], state  # (load_state_dict makes a new one)
-    st = u.state
+    st = state[p]
     buf = st.get("momentum_buffer")
     if buf is None:
         st["momentum_buffer"] = buf = torch.zeros_like(
             p, dtype=momentum_dtype(p), memory_format=torch.contiguous_format
         )
-    grad = p.grad
-    spec = getattr(grad, "_spec", None)
-    if spec is not None and spec is not u.spec and spec.placements != u.placements:
-        grad = grad.redistribute(p.device_mesh, u.placements)  # type: ignore[union-attr]
-    g = _local(grad)
-    g = g if g.is_contiguous() else g.contiguous()
-    m = _local(buf)
     v = _normuon_v(st, u) if normuon else None
     if u.v_of is not None and v is not None:
         v = v[u.v_of[0] : u.v_of[1]]
+    return st, (buf, st.get(NORMUON_STATE_KEY) if normuon else None), (_local(buf), v)
+
+
+def _unit_tensors(
+    layout: _Layout,
+    units: list[_Unit],
+    grads: list[Tensor | None],
+    state: Any,
+    normuon: bool,
+    write_back: list[tuple[Tensor, Tensor]],
+    early: bool = False,
+) -> dict[_Unit, tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor | None]] | None:
+    """Per unit, this rank's (param, grad, momentum), one triple per piece (NOTE: [Distributed
+    matrix blocks]), and its NorMuon v (None with NorMuon off). The state tensors are looked up
+    once (_Collected); per step only the grads are read. Copies (column blocks) add their
+    (destination, copy) pairs to ``write_back``. None if ``early`` and a grad's placements
+    differ from its param's (see _prepare)."""
+    c = layout.collected
+    if c is None or not c.fresh(units, state, normuon):
+        made = [_unit_state(state, u, normuon) for u in units]
+        c = _Collected(units, state, normuon, [x[0] for x in made], [x[1] for x in made],
+                       [x[2] for x in made])
+        layout.collected = c
+    dtensor = _dtensor_type()
+    out = {}
+    for u, (m, v) in zip(units, c.local):
+        g = grads[u.pos]
+        if dtensor is not None and isinstance(g, dtensor):
+            spec = g._spec
+            if spec is not u.spec and spec is not u.grad_spec:
+                if spec.placements != u.placements:
+                    if early:
+                        return None
+                    g = g.redistribute(u.param.device_mesh, u.placements)  # type: ignore
+                else:  # the same placements: remembered, compared once
+                    u.grad_spec = spec
+            g = g._local_tensor
+        if not g.is_contiguous():
+            g = g.contiguous()
+        out[u] = ([(u.local, g, m)] if u.whole else _pieces(u, g, m, write_back)), v
+    return out
+
+
+def _pieces(
+    u: _Unit, g: Tensor, m: Tensor, write_back: list[tuple[Tensor, Tensor]]
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """The (param, grad, momentum) triples of a unit that is a block or has pieces."""
     if u.rows_of is not None:
         lo, hi = u.rows_of
-        return [(u.local, g[lo:hi], m[lo:hi])], v
-    if u.column_block is not None:  # copies, written back by _step_group
+        return [(u.local, g[lo:hi], m[lo:hi])]
+    if u.column_block is not None:  # copies, written back by _run
         m_block = block_view(m, u.column_block)
         copies = (u.local.contiguous(), block_view(g, u.column_block).contiguous(),
                   m_block.contiguous())
         write_back.append((u.local, copies[0]))
         write_back.append((m_block, copies[2]))
-        return [copies], v
+        return [copies]
     if u.column_blocks is not None:  # column pieces of the shard: copies, written back
         out = []
         for lo, hi, _ in u.pieces:  # type: ignore[union-attr]
@@ -762,10 +888,8 @@ def _unit_tensors(
             write_back.append((u.local[:, lo:hi], copies[0]))
             write_back.append((m[:, lo:hi], copies[2]))
             out.append(copies)
-        return out, v
-    if u.pieces is not None:
-        return [(u.local[lo:hi], g[lo:hi], m[lo:hi]) for lo, hi, _ in u.pieces], v
-    return [(u.local, g, m)], v
+        return out
+    return [(u.local[lo:hi], g[lo:hi], m[lo:hi]) for lo, hi, _ in u.pieces]  # type: ignore
 
 
 # NOTE: [Distributed NorMuon]
@@ -1260,6 +1384,14 @@ def _local(t: Tensor) -> Tensor:
     return t if local is None else local
 
 
+def _locals(tensors: list[Tensor]) -> list[Tensor]:
+    """_local of each (a list comprehension with no call per plain tensor)."""
+    dtensor = _dtensor_type()
+    if dtensor is None:
+        return tensors
+    return [t._local_tensor if isinstance(t, dtensor) else t for t in tensors]
+
+
 def _world(pg: Any) -> int:
     import torch.distributed as dist
 
@@ -1347,3 +1479,6 @@ def _hash(items: Any) -> int:
     """A stable 63-bit hash (Python's hash() of strings differs between processes)."""
     digest = hashlib.blake2b(repr(list(items)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+_NONE_MISSING = _hash([])  # the header's "which grads are missing" when none is

@@ -218,11 +218,33 @@ def fsdp_grad_missing_on_one_rank(rank, world, tmp):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         opt.step()
-    return {
+    first = {
         "warned": any("some ranks only" in str(w.message) for w in caught),
         "h1_unchanged": torch.equal(model.h1.weight.full_tensor(), h1_before),
         "h1_has_state": model.h1.weight in opt.state,
         "state_keys": _state_keys(model, opt),
+    }
+    # Later, with every state tensor cached: ranks that have every grad prepare the step while
+    # the headers are in flight, and must drop what they prepared for h1 once they learn.
+    for batch in (1, 2):
+        opt.zero_grad()
+        U.loss_fn(model, *U.local_batch(batch, rank, world)).backward()
+        opt.step()
+    opt.zero_grad()
+    U.loss_fn(model, *U.local_batch(3, rank, world)).backward()
+    if rank == 0:
+        model.h1.weight.grad = None
+    h1, h2 = model.h1.weight.full_tensor(), model.h2.weight.full_tensor()
+    m1 = opt.state[model.h1.weight]["momentum_buffer"].full_tensor()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        opt.step()
+    return {
+        **first,
+        "later_warned": any("some ranks only" in str(w.message) for w in caught),
+        "later_h1_unchanged": torch.equal(model.h1.weight.full_tensor(), h1)
+        and torch.equal(opt.state[model.h1.weight]["momentum_buffer"].full_tensor(), m1),
+        "later_h2_changed": not torch.equal(model.h2.weight.full_tensor(), h2),
     }
 
 
@@ -322,7 +344,8 @@ def zero_with_owner_mode_rejected(rank, world, tmp):
 
 def dtensor_layouts(rank, world, tmp):
     """Hand-made DTensors: Shard(1) (columns, uneven), Shard(0) with empty shards, Replicate,
-    and a 2-D mesh with two sharded dims (the gather fallback); against plain tensors."""
+    and a 2-D mesh with two sharded dims (the gather fallback); against plain tensors. The
+    Shard(1) param gets a replicated grad every other step."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -346,10 +369,12 @@ def dtensor_layouts(rank, world, tmp):
     ref_opt = Muon(plain, **U.HYPER)
     opt = Muon(dts, **U.HYPER)
     diff, matrices = 0.0, []
-    for _ in range(U.STEPS):
+    for step in range(U.STEPS):
         grads = [torch.randn(t.shape, generator=g) for t in fulls]
-        for p, q, gr, (_, m, pl) in zip(plain, dts, grads, layouts):
+        for k, (p, q, gr, (_, m, pl)) in enumerate(zip(plain, dts, grads, layouts)):
             p.grad = gr.clone()
+            if k == 0 and step % 2:  # a grad placed unlike its param: redistributed by the step
+                pl = [Replicate()]
             q.grad = distribute_tensor(gr.clone(), m, pl, src_data_rank=None)
         ref_opt.step()
         before = mdist.stats(opt).matrices
@@ -739,6 +764,7 @@ def test_fsdp2_grad_missing_on_one_rank_does_not_hang(results, world):
     per_rank = U.rank_metrics(results, world, "fsdp_grad_missing_on_one_rank")
     for m in per_rank:
         assert m["warned"] and m["h1_unchanged"] and not m["h1_has_state"]
+        assert m["later_warned"] and m["later_h1_unchanged"] and m["later_h2_changed"]
     keys = per_rank[0]["state_keys"]
     assert all(k == keys[0] for k in keys) and len(keys[0]) == 6
 
