@@ -11,8 +11,10 @@ Compare two builds by running each with PYTHONPATH pointing at its tree, interle
 creates the momentum state up front, so the process's peak-RSS growth across the one step
 it runs is the step's own scratch. ``host`` interleaves 30 steps of each optimizer on one
 thread and prints the medians. ``fsdp`` times the distributed Muon step of 256 16x16 params
-sharded by FSDP2 over 2 gloo ranks (one thread each; median of 30 steps, ranks aligned by a
-barrier before each) against torch's fused AdamW over the same shapes in one process. Each prints one JSON line.
+sharded by FSDP2 over 2 gloo ranks (one thread each; ranks aligned by a barrier before each
+step) against torch's fused AdamW over the same shapes in one process (one thread), in
+alternating rounds of 20 steps each while the other side sleeps (a rank waiting in a gloo
+collective takes CPU from the others); medians over 5 rounds. Each prints one JSON line.
 """
 
 import json
@@ -113,7 +115,7 @@ def step(suite_name: str, steps: int = 15) -> dict:
             "step_ms": statistics.median(times) * 1e3, "steps": steps}
 
 
-def _fsdp_worker(rank: int, world: int, port: int, steps: int, queue) -> None:
+def _fsdp_worker(rank: int, world: int, port: int, rounds: int, steps: int, go, queue) -> None:
     import os
 
     import torch.distributed as dist
@@ -132,18 +134,23 @@ def _fsdp_worker(rank: int, world: int, port: int, steps: int, queue) -> None:
         p.grad = distribute_tensor(torch.randn(16, 16), mesh, p.placements)
     opt = Muon(list(model), lr=0.02)
     opt.step()
-    times = []
-    for _ in range(steps):
+    for _ in range(rounds):
+        go.get()  # blocks without spinning while the parent times AdamW
+        times = []
+        for _ in range(steps):
+            dist.barrier()
+            t0 = time.perf_counter()
+            opt.step()
+            times.append(time.perf_counter() - t0)
         dist.barrier()
-        t0 = time.perf_counter()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-    if rank == 0:
-        queue.put(statistics.median(times) * 1e3)
+        if rank == 0:
+            queue.put(times)
     dist.destroy_process_group()
 
 
-def fsdp(steps: int = 30) -> dict:
+def fsdp(rounds: int = 5, steps: int = 20) -> dict:
+    """Rounds of ``steps`` AdamW steps (this process, the ranks blocked) and ``steps`` FSDP2
+    Muon steps (2 ranks, this process blocked), alternating; medians over all rounds."""
     import socket
 
     import torch.multiprocessing as mp
@@ -154,25 +161,33 @@ def fsdp(steps: int = 30) -> dict:
         p.grad = torch.randn_like(p)
     adamw = torch.optim.AdamW(ps, fused=True)
     adamw.step()
-    ta = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        adamw.step()
-        ta.append(time.perf_counter() - t0)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_fsdp_worker, args=(r, 2, port, steps, queue)) for r in range(2)]
+    gos = [ctx.Queue() for _ in range(2)]
+    procs = [
+        ctx.Process(target=_fsdp_worker, args=(r, 2, port, rounds, steps, gos[r], queue))
+        for r in range(2)
+    ]
     for proc in procs:
         proc.start()
-    muon_ms = queue.get(timeout=600)
+    ta, tm = [], []
+    for _ in range(rounds):
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            adamw.step()
+            ta.append(time.perf_counter() - t0)
+        for go in gos:
+            go.put(1)
+        tm += queue.get(timeout=600)
     for proc in procs:
         proc.join()
-    a = statistics.median(ta) * 1e3
+    muon_ms, adamw_ms = statistics.median(tm) * 1e3, statistics.median(ta) * 1e3
     return {"what": "fsdp", "params": "256 x 16x16", "ranks": 2, "muon_fsdp2_ms": muon_ms,
-            "adamw_fused_single_process_ms": a, "ratio": muon_ms / a}
+            "adamw_fused_single_process_ms": adamw_ms, "ratio": muon_ms / adamw_ms,
+            "rounds": rounds, "steps_per_round": steps}
 
 
 if __name__ == "__main__":
