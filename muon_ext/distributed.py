@@ -167,7 +167,7 @@ def step_group(
         return
     if early is None or units is not guess:
         early = _prepare(rt, layout, units, grads, optimizer.state, sc)
-    _run(rt, units, early, sc)
+    _run(rt, early, sc)
 
 
 # ---------------------------------------------------------------------- layouts and plans
@@ -752,41 +752,79 @@ def _scalars(optimizer: Any, group: dict[str, Any], grad_scale: Tensor | None) -
 
 @dataclass(eq=False)
 class _Prepared:
-    """A step's inputs: per unit its tensors (_unit_tensors), the copies to write back after
-    the step (column blocks), and the plan."""
+    """A step's inputs: per bucket of the plan, its (params, grads, momentum) lists in the
+    ops' order and its v per unit of ``order`` (None with NorMuon off); the gather units'
+    triples; the copies to write back after the step (column blocks)."""
 
-    tensors: dict
-    write_back: list[tuple[Tensor, Tensor]]
     plan: list[_Bucket]
+    buckets: list[tuple[tuple[list, list, list], list | None]]
+    gathered: list[tuple[_Unit, tuple[Tensor, Tensor, Tensor]]]
+    write_back: list[tuple[Tensor, Tensor]]
 
 
 def _prepare(
     rt: _Runtime, layout: _Layout, units: list[_Unit], grads: list[Tensor | None], state: Any,
     sc: _Scalars, early: bool = False,
 ) -> _Prepared | None:
-    """The step's inputs; None if ``early`` (headers in flight) and a grad would need a
-    redistribute, a collective of its own that must wait for the agreement."""
-    write_back: list[tuple[Tensor, Tensor]] = []
-    tensors = _unit_tensors(layout, units, grads, state, sc.normuon, write_back, early)
-    if tensors is None:
+    """The step's inputs. The state tensors and the per-bucket lists of params and momentum
+    are made once (_Collected); per step only the grads are read. None if ``early`` (headers
+    in flight) and a grad would need a redistribute, a collective of its own that must wait
+    for the agreement."""
+    c = layout.collected
+    if c is None or not c.fresh(units, state, sc.normuon):
+        made = [_unit_state(state, u, sc.normuon) for u in units]
+        c = _Collected(units, state, sc.normuon, [x[0] for x in made], [x[1] for x in made],
+                       [x[2] for x in made])
+        layout.collected = c
+    local_grads = _local_grads(units, grads, early)
+    if local_grads is None:
         return None
-    return _Prepared(tensors, write_back, rt.plan(layout, units, len(sc.schedule)))
+    plan = rt.plan(layout, units, len(sc.schedule))
+    if c.plan is not plan:
+        c.bind(plan)
+    write_back: list[tuple[Tensor, Tensor]] = []
+    buckets = []
+    for inputs in c.inputs:
+        if inputs.params is not None:  # whole units only: the cached lists
+            lists = (inputs.params, [local_grads[i] for i in inputs.index], inputs.bufs)
+        else:
+            pieces = []
+            for i in inputs.index:
+                u, m = units[i], c.local[i][0]
+                pieces += ([(u.local, local_grads[i], m)] if u.whole
+                           else _pieces(u, local_grads[i], m, write_back))
+            lists = ([x[0] for x in pieces], [x[1] for x in pieces], [x[2] for x in pieces])
+        buckets.append((lists, inputs.vs))
+    gathered = [(units[i], (units[i].local, local_grads[i], c.local[i][0])) for i in c.gathers]
+    return _Prepared(plan, buckets, gathered, write_back)
 
 
-def _run(rt: _Runtime, units: list[_Unit], prep: _Prepared, sc: _Scalars) -> None:
-    for b in prep.plan:
-        _step_bucket(rt, b, prep.tensors, sc)
+def _run(rt: _Runtime, prep: _Prepared, sc: _Scalars) -> None:
+    for b, (lists, vs) in zip(prep.plan, prep.buckets):
+        _step_bucket(rt, b, lists, vs, sc)
     for dst, src in prep.write_back:  # column blocks (unchanged copies when found_inf is set)
         dst.copy_(src)
-    for u in units:
-        if u.kind == _GATHER:
-            _step_gathered(rt, u, prep.tensors[u][0][0], sc)
+    for u, triple in prep.gathered:
+        _step_gathered(rt, u, triple, sc)
+
+
+@dataclass(eq=False)
+class _BucketInputs:
+    """What a bucket's ops take that stays the same from step to step: the positions (in the
+    stepped units) of its units in the ops' order, and for a bucket of whole units (no blocks,
+    pieces or copies) its params' and momentum lists; each unit's v."""
+
+    index: list[int]
+    params: list[Tensor] | None
+    bufs: list[Tensor] | None
+    vs: list[Tensor] | None
 
 
 @dataclass(eq=False)
 class _Collected:
     """The state tensors of a layout's stepped units, made once and reused while the units, the
-    optimizer's state dict and the tensors in the units' state dicts stay the same."""
+    optimizer's state dict and the tensors in the units' state dicts stay the same; and, per
+    bucket of the plan they were bound to, the lists the ops take."""
 
     units: list[_Unit]
     state: Any  # optimizer.state
@@ -794,6 +832,9 @@ class _Collected:
     states: list[dict]  # per unit: its param's state dict,
     held: list[tuple[Any, Any]]  # the (momentum_buffer, normuon_v) objects found there,
     local: list[tuple[Tensor, Tensor | None]]  # and this rank's (momentum, v) of the unit
+    plan: list[_Bucket] | None = None
+    inputs: list[_BucketInputs] = field(default_factory=list)
+    gathers: list[int] = field(default_factory=list)  # positions of _GATHER units
 
     def fresh(self, units: list[_Unit], state: Any, normuon: bool) -> bool:
         if self.units is not units or self.state is not state or self.normuon != normuon:
@@ -806,6 +847,20 @@ class _Collected:
                 for st, (m, v) in zip(self.states, self.held)
             )
         return all(st.get("momentum_buffer") is m for st, (m, _) in zip(self.states, self.held))
+
+    def bind(self, plan: list[_Bucket]) -> None:
+        position = {u: i for i, u in enumerate(self.units)}
+        self.plan, self.inputs = plan, []
+        for b in plan:
+            index = [position[u] for u in b.tables.order]
+            whole = all(self.units[i].whole for i in index)
+            self.inputs.append(_BucketInputs(
+                index,
+                [self.units[i].local for i in index] if whole else None,
+                [self.local[i][0] for i in index] if whole else None,
+                [self.local[i][1] for i in index] if self.normuon else None,
+            ))
+        self.gathers = [i for i, u in enumerate(self.units) if u.kind == _GATHER]
 
 
 def _unit_state(state: Any, u: _Unit, normuon: bool) -> tuple[dict, tuple, tuple]:
@@ -826,29 +881,14 @@ def _unit_state(state: Any, u: _Unit, normuon: bool) -> tuple[dict, tuple, tuple
     return st, (buf, st.get(NORMUON_STATE_KEY) if normuon else None), (_local(buf), v)
 
 
-def _unit_tensors(
-    layout: _Layout,
-    units: list[_Unit],
-    grads: list[Tensor | None],
-    state: Any,
-    normuon: bool,
-    write_back: list[tuple[Tensor, Tensor]],
-    early: bool = False,
-) -> dict[_Unit, tuple[list[tuple[Tensor, Tensor, Tensor]], Tensor | None]] | None:
-    """Per unit, this rank's (param, grad, momentum), one triple per piece (NOTE: [Distributed
-    matrix blocks]), and its NorMuon v (None with NorMuon off). The state tensors are looked up
-    once (_Collected); per step only the grads are read. Copies (column blocks) add their
-    (destination, copy) pairs to ``write_back``. None if ``early`` and a grad's placements
-    differ from its param's (see _prepare)."""
-    c = layout.collected
-    if c is None or not c.fresh(units, state, normuon):
-        made = [_unit_state(state, u, normuon) for u in units]
-        c = _Collected(units, state, normuon, [x[0] for x in made], [x[1] for x in made],
-                       [x[2] for x in made])
-        layout.collected = c
+def _local_grads(
+    units: list[_Unit], grads: list[Tensor | None], early: bool
+) -> list[Tensor] | None:
+    """This rank's grad of each unit (contiguous), a DTensor grad placed unlike its param
+    redistributed first; None if ``early`` and one would be (see _prepare)."""
     dtensor = _dtensor_type()
-    out = {}
-    for u, (m, v) in zip(units, c.local):
+    out = []
+    for u in units:
         g = grads[u.pos]
         if dtensor is not None and isinstance(g, dtensor):
             spec = g._spec
@@ -860,16 +900,16 @@ def _unit_tensors(
                 else:  # the same placements: remembered, compared once
                     u.grad_spec = spec
             g = g._local_tensor
-        if not g.is_contiguous():
-            g = g.contiguous()
-        out[u] = ([(u.local, g, m)] if u.whole else _pieces(u, g, m, write_back)), v
+        out.append(g if g.is_contiguous() else g.contiguous())
     return out
 
 
 def _pieces(
     u: _Unit, g: Tensor, m: Tensor, write_back: list[tuple[Tensor, Tensor]]
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
-    """The (param, grad, momentum) triples of a unit that is a block or has pieces."""
+    """The (param, grad, momentum) triples of a unit that is a block or has pieces (NOTE:
+    [Distributed matrix blocks]). Copies (column blocks) add their (destination, copy) pairs
+    to ``write_back``."""
     if u.rows_of is not None:
         lo, hi = u.rows_of
         return [(u.local, g[lo:hi], m[lo:hi])]
@@ -1031,16 +1071,19 @@ def _copy_blocks(src: Tensor, dst: Tensor, blocks: list[int]) -> None:
         copy_blocks_packed_(src, dst, blocks)
 
 
-def _step_bucket(rt: _Runtime, b: _Bucket, tensors: dict, sc: _Scalars) -> None:
-    """One bucket: NOTE: [Distributed step on the phase ops]."""
+def _step_bucket(
+    rt: _Runtime, b: _Bucket, lists: tuple[list, list, list], vs: list | None, sc: _Scalars
+) -> None:
+    """One bucket: NOTE: [Distributed step on the phase ops]. ``lists``: the (params, grads,
+    momentum) the ops take, in order; ``vs``: each unit's v, by ``b.tables.order``."""
     t = b.tables
     if not t.order:
         return
-    pieces = [x for u in t.order for x in tensors[u][0]]
+    params, grads, bufs = lists
     buf_dtype = momentum_dtype(t.order[0].param)
     device = t.order[0].local.device
     u_buf = torch.empty(t.total, dtype=buf_dtype, device=device)
-    _momentum(b.route, [x[1] for x in pieces], [x[2] for x in pieces], sc, u_buf)
+    _momentum(b.route, grads, bufs, sc, u_buf)
     n_local = len(t.order) - len(b.replicated) - len(b.sharded)
     v_sharded = sc.normuon and bool(t.v_send_splits)
 
@@ -1051,7 +1094,7 @@ def _step_bucket(rt: _Runtime, b: _Bucket, tensors: dict, sc: _Scalars) -> None:
         first = [_all_to_all_async(rt, received, shard_part, t.recv_splits, t.send_splits, b.pg,
                                    b.rank)]
         if v_sharded:  # NorMuon: each rank's chunks of v to the owners, alongside
-            v_locals = [tensors[u][1] for u in t.order[n_local + len(b.replicated) :]]
+            v_locals = vs[n_local + len(b.replicated) :]  # type: ignore[index]
             v_dtype = v_locals[0].dtype
             v_send = torch.cat(v_locals)
             v_recv = torch.empty(sum(t.v_recv_splits), dtype=v_dtype, device=device)
@@ -1066,7 +1109,7 @@ def _step_bucket(rt: _Runtime, b: _Bucket, tensors: dict, sc: _Scalars) -> None:
     local_x = u_buf[: t.local_numel]
     _orthogonalize(rt, b.route, local_x, t.local_shapes, sc)
     if sc.normuon:
-        _normuon(b.route, local_x, t.local_shapes, [tensors[u][1] for u in t.order[:n_local]], sc)
+        _normuon(b.route, local_x, t.local_shapes, vs[:n_local], sc)  # type: ignore[index]
     own = u_buf[t.own_range[0] : t.own_range[1]]
     _orthogonalize(rt, b.route, own, t.own_shapes, sc)
 
@@ -1103,11 +1146,11 @@ def _step_bucket(rt: _Runtime, b: _Bucket, tensors: dict, sc: _Scalars) -> None:
         rep = u_buf[t.rep_range[0] : t.rep_range[1]]
         _copy_blocks(gathered, rep, t.gather_blocks)
         if sc.normuon:  # on every rank, for every matrix: v stays replicated
-            reps = t.order[n_local : n_local + len(b.replicated)]
-            _normuon(b.route, rep, t.rep_shapes, [tensors[u][1] for u in reps], sc)
+            reps = vs[n_local : n_local + len(b.replicated)]  # type: ignore[index]
+            _normuon(b.route, rep, t.rep_shapes, reps, sc)
     if v_sharded:  # v_send received the updated chunks, in the order it sent them
         torch._foreach_copy_(v_locals, list(v_send.split([v.numel() for v in v_locals])))
-    _update(b.route, [x[0] for x in pieces], u_buf, t.scales, sc)
+    _update(b.route, params, u_buf, t.scales, sc)
 
 
 def _step_gathered(rt: _Runtime, u: _Unit, tensors: tuple, sc: _Scalars) -> None:
