@@ -708,9 +708,15 @@ def _verify_replicated(rt: _Runtime, units: list[_Unit], pg: Any, device: torch.
 #   4. One muon_update_ over the bucket's local tensors reads the whole buffer.
 # No value is read on the host: lr, grad_scale and found_inf go to the ops as tensors, and a
 # found_inf set on any rank (all-reduced with MAX on the device) makes every rank's momentum and
-# update ops write nothing, while every rank still issues the same collectives. Python work per
-# step is per bucket plus collecting each param's grad and state. The result equals the single-
-# process step bit for bit, given the same gradients (tested).
+# update ops write nothing, while every rank still issues the same collectives. The result
+# equals the single-process step bit for bit, given the same gradients (tested).
+# Host work per step: the check phase reads every grad in one C++ pass (_C.step_facts) and
+# hands them over by position; the layout is keyed by one C++ hash of the local tensors; the
+# headers (_agree_start) are issued asynchronously, and while they are in flight each unit's
+# local grad is taken (an attribute read; a grad placed unlike its param waits for the
+# agreement, since redistributing it is a collective) and the state tensors and per-bucket
+# lists of params and momentum come from a cache (_Collected, checked by identity). What was
+# prepared is dropped only if the ranks disagree about which params have grads.
 
 
 @dataclass
