@@ -24,7 +24,7 @@ Owners are assigned deterministically from shapes alone (identical on every rank
 Newton-Schulz FLOPs. Before a param group's first collective, the ranks of each process group
 exchange one small header (structure fingerprint, which params have grads, ``found_inf``), so
 a param without a grad on some rank, or an inf found by one rank only, cannot make ranks
-issue different collectives (a hang). See docs/README_distributed.md for the costs.
+issue different collectives (a hang). README.md, "Distributed training", gives the costs.
 
 ``Muon._step_group`` calls :func:`step_group` for groups where :func:`wanted` says so;
 :func:`stats` gives the per-rank counters (matrices orthogonalized, collectives, elements).
