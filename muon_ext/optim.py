@@ -480,7 +480,8 @@ class Muon(Optimizer):
         # The per-param checks run again only when the cached plan is stale; the plan itself is
         # (re)built in the step phase, since it creates state and the check phase changes nothing.
         cached = self._plans.get(index)
-        fresh = cached is not None and cached[0] == key and _same_buffers(cached[1], cached[3])
+        fresh = (cached is not None and cached[0] == key
+                 and _same_buffers(cached[1], cached[3], params, self.state))
         if not fresh:
             self._check_params_for_step(group, index)
         self._pending[index] = (params, grads, key, fresh)
@@ -682,10 +683,14 @@ class Muon(Optimizer):
         return most
 
 
-def _same_buffers(bufs: list[Any], states: list[dict]) -> bool:
+def _same_buffers(bufs: list[Any], states: list[dict], params: list[Tensor], state: Any) -> bool:
     """Whether the cached state tensors are still in the params' state dicts (a user may replace
-    them): momentum buffers, or (momentum buffer, NorMuon vector) pairs with NorMuon on. The
-    dicts themselves are the ones the plan was built from (load_state_dict drops the plans)."""
+    them): momentum buffers, or (momentum buffer, NorMuon vector) pairs with NorMuon on; and
+    whether those dicts are still the params' entries of ``state`` (``del opt.state[p]`` or
+    ``opt.state[p] = {}`` makes the step start p's momentum afresh, as torch.optim does;
+    load_state_dict drops the plans)."""
+    if not all(state.get(p) is st for p, st in zip(params, states)):
+        return False
     if bufs and isinstance(bufs[0], tuple):
         return all(
             st.get("momentum_buffer") is b[0] and st.get(NORMUON_STATE_KEY) is b[1]

@@ -242,6 +242,25 @@ def test_a_param_reshaped_in_place_is_seen_by_the_cached_plan():
     assert all(torch.equal(p, b) for p, b in zip(params, before))
 
 
+@pytest.mark.parametrize("edit", ["del", "new dict"])
+def test_a_param_whose_state_is_dropped_starts_afresh(edit):
+    """`del opt.state[p]` or `opt.state[p] = {}` between steps: the cached plan must not keep
+    stepping the old dict's momentum (torch.optim starts such a param afresh)."""
+    params = _params((8, 4), (4, 8))
+    opt = Muon(params, momentum=0.9)
+    for _ in range(2):
+        _set_grads(params)
+        opt.step()
+    if edit == "del":
+        del opt.state[params[0]]
+    else:
+        opt.state[params[0]] = {}
+    _set_grads(params)
+    opt.step()
+    m = opt.state[params[0]]["momentum_buffer"]
+    torch.testing.assert_close(m, 0.1 * params[0].grad, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["cpp", "python"])
 def test_step_facts_reads_grads_and_keys_params(native, monkeypatch):
     from muon_ext import dispatch
