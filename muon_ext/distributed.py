@@ -153,16 +153,14 @@ def step_group(
     # for the units this rank has grads for, their state tensors (when cached: creating state
     # waits for the agreement), grads and plan. Redone only if the ranks disagree on grads.
     sc = _scalars(optimizer, group, grad_scale)
-    guess = layout.units if agreement.complete else [
-        u for u in layout.units if agreement.has[u.pos]
-    ]
+    guess = layout.units if agreement.complete else layout.stepped(agreement.has)
     early = None
     if layout.collected is not None and layout.collected.fresh(guess, optimizer.state, sc.normuon):
         early = _prepare(rt, layout, guess, grads, optimizer.state, sc, early=True)
     has, groups = _agree_finish(rt, layout, agreement)
     if found_inf is not None:  # set on any rank: nothing changes anywhere (read on the device)
         sc.found_inf = _found_inf_anywhere(rt, found_inf, groups)
-    units = guess if has is agreement.has else [u for u in layout.units if has[u.pos]]
+    units = guess if has is agreement.has else layout.stepped(has)
     if not units:
         return
     if early is None or units is not guess:
@@ -251,6 +249,18 @@ class _Layout:
     verified: set[int] = field(default_factory=set)  # groups whose replicated params were checked
     agreeing: list[tuple[Any, list[_Unit]]] | None = None  # _agree's groups and their units
     collected: Any = None  # _Collected: the units' state tensors, while they stay the same
+    partial: tuple[tuple[int, ...], list[_Unit]] | None = None  # see stepped()
+
+    def stepped(self, has: list[bool]) -> list[_Unit]:
+        """The units whose params have grads (``has``, by position): the same list object
+        step after step while the same params lack grads (frozen or unused params), so that
+        the state cached for it (_Collected) stays valid."""
+        missing = tuple(i for i, h in enumerate(has) if not h)
+        if not missing:
+            return self.units
+        if self.partial is None or self.partial[0] != missing:
+            self.partial = (missing, [u for u in self.units if has[u.pos]])
+        return self.partial[1]
 
 
 @dataclass(eq=False)
@@ -844,6 +854,10 @@ class _Collected:
 
     def fresh(self, units: list[_Unit], state: Any, normuon: bool) -> bool:
         if self.units is not units or self.state is not state or self.normuon != normuon:
+            return False
+        # The params' state dicts themselves (`del opt.state[p]`, `opt.state[p] = {}`), then
+        # the tensors in them.
+        if not all(state.get(u.param) is st for u, st in zip(units, self.states)):
             return False
         if normuon:
             from .optim import NORMUON_STATE_KEY

@@ -390,6 +390,76 @@ def dtensor_layouts(rank, world, tmp):
     return {"param_diff": diff, "matrices": matrices}
 
 
+def warm_cache_edge_cases(rank, world, tmp):
+    """With the distributed step's caches warm (NorMuon on), against a single-process Muon
+    given the same full grads and the same state edits:
+    step 3: a grad placed unlike its param (Shard(0) grad, Shard(1) param: redistributing it
+      is an all_to_all) while another param lacks its grad on rank 0 only; the ranks that
+      have every grad prepare early and must not redistribute before the agreement;
+    step 5: a momentum buffer replaced in the state; step 6: a NorMuon v replaced;
+    step 7: a param's whole state deleted (it starts afresh).
+    (Step 4 warms the caches again: a step with other grads rebuilds them.)"""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    layouts = [((8, 6), [Shard(1)]), ((6, 4), [Shard(0)]), ((5, 7), [Shard(0)])]
+    g = torch.Generator().manual_seed(U.SEED + 7)
+    fulls = [torch.randn(shape, generator=g) for shape, _ in layouts]
+    plain = [nn.Parameter(t.clone()) for t in fulls]
+    dts = [
+        nn.Parameter(distribute_tensor(t.clone(), mesh, pl, src_data_rank=None))
+        for t, (_, pl) in zip(fulls, layouts)
+    ]
+    hyper = {**U.HYPER, "normuon": True}
+    ref, opt = Muon(plain, **hyper), Muon(dts, **hyper)
+    param_diff, state_diff, warned = 0.0, 0.0, []
+    for step in range(8):
+        grads = [torch.randn(t.shape, generator=g) for t in fulls]
+        for k, (p, q, gr, (_, pl)) in enumerate(zip(plain, dts, grads, layouts)):
+            p.grad = gr.clone()
+            if step == 3 and k == 0:
+                pl = [Shard(0)]
+            q.grad = distribute_tensor(gr.clone(), mesh, pl, src_data_rank=None)
+        if step == 3:
+            plain[1].grad = None
+            if rank == 0:
+                dts[1].grad = None
+        for o, ps in ((ref, plain), (opt, dts)):
+            if step == 5:
+                st = o.state[ps[0]]
+                st["momentum_buffer"] = torch.zeros_like(st["momentum_buffer"])
+            if step == 6:
+                st = o.state[ps[2]]
+                st["normuon_v"] = torch.full_like(st["normuon_v"], 0.5)
+            if step == 7:
+                del o.state[ps[1]]
+        ref.step()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt.step()
+        warned.append(any("some ranks only" in str(w.message) for w in caught))
+        param_diff = max(param_diff, *(
+            float((q.detach().full_tensor() - p.detach()).abs().max()) for p, q in zip(plain, dts)
+        ))
+        for p, q in zip(plain, dts):
+            for key in ("momentum_buffer", "normuon_v"):
+                a, b = ref.state[p][key], opt.state[q][key]
+                state_diff = max(state_diff, float((b.full_tensor() - a).abs().max()))
+    # A param that stays without a grad (frozen) on every rank: the step's cache of the other
+    # params' state is made once, then reused.
+    layout, made = mdist._runtime(opt).layouts[0], []
+    for _ in range(3):
+        for q in (dts[0], dts[2]):
+            q.grad = torch.zeros_like(q)
+        dts[1].grad = None
+        opt.step()
+        made.append(layout.collected)
+    return {"param_diff": param_diff, "state_diff": state_diff, "warned": warned,
+            "state_back": dts[1] in opt.state and plain[1] in ref.state,
+            "frozen_reuses_cache": made[1] is made[2] and made[0] is made[1]}
+
+
 def same_grads_bit_identical(rank, world, tmp):
     """Every rank given exactly the single process's gradients (no reduction, so no rounding
     of its own): DDP owner mode and FSDP2 must then reproduce the single-process fused step bit
@@ -630,6 +700,7 @@ SCENARIOS = {
         zero_redundancy,
         zero_with_owner_mode_rejected,
         dtensor_layouts,
+        warm_cache_edge_cases,
     )
 }
 
@@ -767,6 +838,15 @@ def test_fsdp2_grad_missing_on_one_rank_does_not_hang(results, world):
         assert m["later_warned"] and m["later_h1_unchanged"] and m["later_h2_changed"]
     keys = per_rank[0]["state_keys"]
     assert all(k == keys[0] for k in keys) and len(keys[0]) == 6
+
+
+@worlds
+def test_warm_caches_follow_disagreements_and_state_edits(results, world):
+    for m in U.rank_metrics(results, world, "warm_cache_edge_cases"):
+        assert m["param_diff"] <= TOL, m["param_diff"]
+        assert m["state_diff"] <= TOL, m["state_diff"]
+        assert m["warned"] == [False, False, False, True, False, False, False, False]
+        assert m["state_back"] and m["frozen_reuses_cache"]
 
 
 @worlds
