@@ -94,7 +94,8 @@ struct WordHash {
   uint64_t value = 1469598103934665603ull;
   void mix(uint64_t word) { value = (value ^ word) * 1099511628211ull; }
   // A tensor's data pointer, shape, dtype and device: a `p.data = ...` swap changes it, even to
-  // a view of the same storage.
+  // a view of the same storage. A DTensor is a wrapper with no storage: only its global shape,
+  // dtype and device count (the distributed step keys its layout by the local tensors).
   void mix(const at::Tensor& t) {
     mix(reinterpret_cast<uintptr_t>(t.has_storage() ? t.data_ptr() : nullptr));
     mix(static_cast<uint64_t>(t.dim()));
@@ -150,6 +151,9 @@ int64_t tensors_hash(const std::vector<at::Tensor>& tensors) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "muon_ext compiled core: registers torch.ops.muon_ext.* and reports build info";
+  // What muon_ext/_extension.py expects (bumped when a binding's signature changes): a stale
+  // in-place build is reported as such instead of failing inside a step.
+  m.attr("abi_version") = 2;
   m.def("build_info", &build_info, "How this extension was built (torch, CUDA, cuBLAS, archs)");
   m.def("step_facts", &step_facts,
         "(each param's grad or None, index of the first grad not matching its param or -1, "

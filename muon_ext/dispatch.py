@@ -98,5 +98,6 @@ def tensors_hash(tensors: list[Tensor]) -> int:
 
 
 def _tensor_facts(t: Tensor) -> tuple:
-    # A DTensor has no storage of its own: its local tensor's pointer stands for it.
-    return getattr(t, "_local_tensor", t).data_ptr(), t.shape, t.dtype, t.device
+    # As in C++: a DTensor is a wrapper with no storage, so only its shape, dtype and device.
+    pointer = 0 if hasattr(t, "_local_tensor") else t.data_ptr()
+    return pointer, t.shape, t.dtype, t.device
