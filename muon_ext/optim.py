@@ -620,14 +620,16 @@ class Muon(Optimizer):
     # A step's host work must grow with groups and shape buckets, not parameters. Everything
     # that depends only on which params have grads (their state, matrix views, scales, which
     # fused call takes them, the one-time state checks) is made once and reused while the key
-    # stays the same: the params' identities, a hash of their data pointers (a `p.data = ...`
-    # swap changes it) and the group's rules (adjust_lr_fn, fused, capturable and the
+    # stays the same: the params' identities, a hash of which have grads and of their data
+    # pointers, shapes, dtypes and devices (a `p.data = ...` swap changes it, even a reshape over
+    # the same storage) and the group's rules (adjust_lr_fn, fused, capturable and the
     # matrix-block settings num_heads, split_sizes, split_dim, rms_target, normuon: see
-    # _group_rules); and while the state tensors the plan's views point into are still in the
-    # params' state dicts (a replaced momentum buffer is seen; load_state_dict drops the plans).
-    # Per step, Python collects the grads and makes one C++ pass over them (_step_facts: do they
-    # match their params, and the pointer hash); grads are handed to the op as they are (the op
-    # reads a contiguous grad as its param's matrices), only matrix blocks are viewed.
+    # _group_rules); and while the params' state dicts are the ones the plan was built from and
+    # the state tensors its views point into are still in them (a deleted state or a replaced
+    # momentum buffer is seen; load_state_dict drops the plans). Per step, one C++ pass reads
+    # the grads (_step_facts: each param's grad, whether they match their params, and the
+    # hash); grads are handed to the op as they are (the op reads a contiguous grad as its
+    # param's matrices), only matrix blocks are viewed.
     def _plan(
         self, index: int, group: dict[str, Any], params: list[Tensor], key: tuple
     ) -> list[_Call]:
