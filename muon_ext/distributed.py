@@ -154,18 +154,18 @@ def step_group(
     # waits for the agreement), grads and plan. Redone only if the ranks disagree on grads.
     sc = _scalars(optimizer, group, grad_scale)
     guess = layout.units if agreement.complete else layout.stepped(agreement.has)
-    early = None
+    prepared = None
     if layout.collected is not None and layout.collected.fresh(guess, optimizer.state, sc.normuon):
-        early = _prepare(rt, layout, guess, grads, optimizer.state, sc, early=True)
+        prepared = _prepare(rt, layout, guess, grads, optimizer.state, sc, early=True)
     has, groups = _agree_finish(rt, layout, agreement)
     if found_inf is not None:  # set on any rank: nothing changes anywhere (read on the device)
         sc.found_inf = _found_inf_anywhere(rt, found_inf, groups)
     units = guess if has is agreement.has else layout.stepped(has)
     if not units:
         return
-    if early is None or units is not guess:
-        early = _prepare(rt, layout, units, grads, optimizer.state, sc)
-    _run(rt, early, sc)
+    if prepared is None or units is not guess:
+        prepared = _prepare(rt, layout, units, grads, optimizer.state, sc)
+    _run(rt, prepared, sc)
 
 
 # ---------------------------------------------------------------------- layouts and plans
