@@ -16,10 +16,13 @@ from ._extension import _C, extension_available
 
 __all__ = [
     "FUSED_DTYPES",
+    "NORMUON_STATE_KEY",
     "fused_device_supported",
     "fused_supported",
     "lr_tensor",
+    "momentum_buffer",
     "momentum_dtype",
+    "same_state",
     "scalar_on",
     "step_facts",
     "tensors_hash",
@@ -30,9 +33,39 @@ __all__ = [
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+# State key of NorMuon's second moment (NOTE: [NorMuon state] in muon_ext/reference.py).
+NORMUON_STATE_KEY = "normuon_v"
+
+
 def momentum_dtype(param: Tensor) -> torch.dtype:
     """Momentum is kept in fp32 for low-precision params (bf16 momentum loses small grads)."""
     return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def momentum_buffer(state: dict, param: Tensor) -> Tensor:
+    """``param``'s momentum buffer in its state dict, created as zeros on first use."""
+    buf = state.get("momentum_buffer")
+    if buf is None:
+        state["momentum_buffer"] = buf = torch.zeros_like(
+            param, dtype=momentum_dtype(param), memory_format=torch.contiguous_format
+        )
+    return buf
+
+
+def same_state(held: list[Any], states: list[dict], params: list[Tensor], state: Any) -> bool:
+    """Whether state cached from the params' state dicts is still current: those dicts are
+    still the params' entries of ``state`` (``del opt.state[p]`` or ``opt.state[p] = {}``
+    makes a param start afresh, as torch.optim does), and the tensors ``held`` from them are
+    still in them (a user may replace them): momentum buffers, or (momentum buffer, NorMuon
+    vector) pairs with NorMuon on."""
+    if not all(state.get(p) is st for p, st in zip(params, states)):
+        return False
+    if held and isinstance(held[0], tuple):
+        return all(
+            st.get("momentum_buffer") is b[0] and st.get(NORMUON_STATE_KEY) is b[1]
+            for st, b in zip(states, held)
+        )
+    return all(st.get("momentum_buffer") is b for st, b in zip(states, held))
 
 
 def fused_device_supported(device: torch.device) -> bool:

@@ -54,7 +54,16 @@ from .coefficients import (
     resolve_ns_coefficients,
     update_scale,
 )
-from .dispatch import lr_tensor, momentum_dtype, scalar_on, takes_fused_step, tensors_hash
+from .dispatch import (
+    NORMUON_STATE_KEY,
+    lr_tensor,
+    momentum_buffer,
+    momentum_dtype,
+    same_state,
+    scalar_on,
+    takes_fused_step,
+    tensors_hash,
+)
 from .reference import (
     block_view,
     copy_blocks_packed_,
@@ -789,8 +798,8 @@ def _prepare(
     c = layout.collected
     if c is None or not c.fresh(units, state, sc.normuon):
         made = [_unit_state(state, u, sc.normuon) for u in units]
-        c = _Collected(units, state, sc.normuon, [x[0] for x in made], [x[1] for x in made],
-                       [x[2] for x in made])
+        c = _Collected(units, state, sc.normuon, [u.param for u in units],
+                       [x[0] for x in made], [x[1] for x in made], [x[2] for x in made])
         layout.collected = c
     local_grads = _local_grads(units, grads, early)
     if local_grads is None:
@@ -845,28 +854,17 @@ class _Collected:
     units: list[_Unit]
     state: Any  # optimizer.state
     normuon: bool
-    states: list[dict]  # per unit: its param's state dict,
-    held: list[tuple[Any, Any]]  # the (momentum_buffer, normuon_v) objects found there,
+    params: list[Tensor]  # per unit: its param,
+    states: list[dict]  # its param's state dict,
+    held: list[Any]  # the momentum buffer found there (and v: same_state's pairs),
     local: list[tuple[Tensor, Tensor | None]]  # and this rank's (momentum, v) of the unit
     plan: list[_Bucket] | None = None
     inputs: list[_BucketInputs] = field(default_factory=list)
     gathers: list[int] = field(default_factory=list)  # positions of _GATHER units
 
     def fresh(self, units: list[_Unit], state: Any, normuon: bool) -> bool:
-        if self.units is not units or self.state is not state or self.normuon != normuon:
-            return False
-        # The params' state dicts themselves (`del opt.state[p]`, `opt.state[p] = {}`), then
-        # the tensors in them.
-        if not all(state.get(u.param) is st for u, st in zip(units, self.states)):
-            return False
-        if normuon:
-            from .optim import NORMUON_STATE_KEY
-
-            return all(
-                st.get("momentum_buffer") is m and st.get(NORMUON_STATE_KEY) is v
-                for st, (m, v) in zip(self.states, self.held)
-            )
-        return all(st.get("momentum_buffer") is m for st, (m, _) in zip(self.states, self.held))
+        return (self.units is units and self.state is state and self.normuon == normuon
+                and same_state(self.held, self.states, self.params, state))
 
     def bind(self, plan: list[_Bucket]) -> None:
         position = {u: i for i, u in enumerate(self.units)}
@@ -883,22 +881,18 @@ class _Collected:
         self.gathers = [i for i, u in enumerate(self.units) if u.kind == _GATHER]
 
 
-def _unit_state(state: Any, u: _Unit, normuon: bool) -> tuple[dict, tuple, tuple]:
-    """A unit's state dict, the (momentum_buffer, v) objects in it, and this rank's (momentum,
-    v) of the unit (v: None with NorMuon off), creating zero state on first use."""
-    from .optim import NORMUON_STATE_KEY
-
-    p = u.param
-    st = state[p]
-    buf = st.get("momentum_buffer")
-    if buf is None:
-        st["momentum_buffer"] = buf = torch.zeros_like(
-            p, dtype=momentum_dtype(p), memory_format=torch.contiguous_format
-        )
-    v = _normuon_v(st, u) if normuon else None
-    if u.v_of is not None and v is not None:
+def _unit_state(state: Any, u: _Unit, normuon: bool) -> tuple[dict, Any, tuple]:
+    """A unit's state dict, what same_state holds from it (the momentum buffer, or the
+    (momentum buffer, v) pair with NorMuon on), and this rank's (momentum, v) of the unit
+    (v: None with NorMuon off), creating zero state on first use."""
+    st = state[u.param]
+    buf = momentum_buffer(st, u.param)
+    if not normuon:
+        return st, buf, (_local(buf), None)
+    v = _normuon_v(st, u)
+    if u.v_of is not None:
         v = v[u.v_of[0] : u.v_of[1]]
-    return st, (buf, st.get(NORMUON_STATE_KEY) if normuon else None), (_local(buf), v)
+    return st, (buf, st[NORMUON_STATE_KEY]), (_local(buf), v)
 
 
 def _local_grads(
@@ -971,8 +965,6 @@ def _pieces(
 # full_tensor() fallback are refused with NorMuon.
 def _normuon_v(st: dict, u: _Unit) -> Tensor:
     """The param's NorMuon v (its local tensor for a DTensor), created as zeros on first use."""
-    from .optim import NORMUON_STATE_KEY
-
     if u.v_local is None:
         u.v_local = _v_layout(u)
     size, placements = u.v_local

@@ -19,7 +19,8 @@ from torch.optim.optimizer import Optimizer, ParamsT
 
 from . import distributed as _distributed
 from . import ops
-from .dispatch import FUSED_DTYPES, momentum_dtype
+from .dispatch import FUSED_DTYPES, NORMUON_STATE_KEY, momentum_buffer, momentum_dtype
+from .dispatch import same_state as _same_state
 from .dispatch import step_facts as _step_facts
 from .dispatch import fused_supported as _fused_supported
 from .dispatch import lr_tensor as _lr_tensor
@@ -152,8 +153,6 @@ _BLOCK_KEYS = (
     "normuon_eps",
 )
 
-# State key of NorMuon's second moment (NOTE: [NorMuon state] in muon_ext/reference.py).
-NORMUON_STATE_KEY = "normuon_v"
 
 
 def _fill_later_keys(group: dict[str, Any]) -> None:
@@ -435,12 +434,8 @@ class Muon(Optimizer):
             params_with_grad.append(p)
             grads.append(p.grad)
             state = self.state[p]
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                state["momentum_buffer"] = buf = torch.zeros_like(
-                    p, dtype=momentum_dtype(p), memory_format=torch.contiguous_format
-                )
-            elif buf.shape != p.shape or buf.device != p.device:
+            buf = momentum_buffer(state, p)
+            if buf.shape != p.shape or buf.device != p.device:
                 # Eager steps caught this in _check_group_for_step; compiled ones get here.
                 index = next(i for i, g in enumerate(self.param_groups) if g is group)
                 raise RuntimeError(
@@ -481,7 +476,7 @@ class Muon(Optimizer):
         # (re)built in the step phase, since it creates state and the check phase changes nothing.
         cached = self._plans.get(index)
         fresh = (cached is not None and cached[0] == key
-                 and _same_buffers(cached[1], cached[3], params, self.state))
+                 and _same_state(cached[1], cached[3], params, self.state))
         if not fresh:
             self._check_params_for_step(group, index)
         self._pending[index] = (params, grads, key, fresh)
@@ -636,15 +631,7 @@ class Muon(Optimizer):
         """Builds (and caches under ``key``, from _plan_key) which fused calls a group's step
         makes; the check phase decides whether the cached one is still fresh."""
         state = self.state
-        bufs: list[Any] = []
-        for p in params:
-            st = state[p]
-            buf = st.get("momentum_buffer")
-            if buf is None:
-                st["momentum_buffer"] = buf = torch.zeros_like(
-                    p, dtype=momentum_dtype(p), memory_format=torch.contiguous_format
-                )
-            bufs.append(buf)
+        bufs = [momentum_buffer(state[p], p) for p in params]
         vs = _normuon_list(state, params, group)
         calls = _make_calls(group, params, bufs, vs)
         # The state tensors the plan's views point into: momentum, and NorMuon's v if on.
@@ -683,22 +670,6 @@ class Muon(Optimizer):
                     ),
                 )
         return most
-
-
-def _same_buffers(bufs: list[Any], states: list[dict], params: list[Tensor], state: Any) -> bool:
-    """Whether the cached state tensors are still in the params' state dicts (a user may replace
-    them): momentum buffers, or (momentum buffer, NorMuon vector) pairs with NorMuon on; and
-    whether those dicts are still the params' entries of ``state`` (``del opt.state[p]`` or
-    ``opt.state[p] = {}`` makes the step start p's momentum afresh, as torch.optim does;
-    load_state_dict drops the plans)."""
-    if not all(state.get(p) is st for p, st in zip(params, states)):
-        return False
-    if bufs and isinstance(bufs[0], tuple):
-        return all(
-            st.get("momentum_buffer") is b[0] and st.get(NORMUON_STATE_KEY) is b[1]
-            for st, b in zip(states, bufs)
-        )
-    return all(st.get("momentum_buffer") is b for st, b in zip(states, bufs))
 
 
 def _normuon_list(state: Any, params: list[Tensor], group: dict[str, Any]) -> list[Tensor] | None:
