@@ -269,13 +269,14 @@ struct PassScalars {
   }
 };
 
-// Phase 1: M = lerp(M, G / s, 1 - beta) and each item's sum of squares of U (in double, in
-// index order: NOTE: [Deterministic reduction]). Writes only the momentum.
-// `out` (optional, the momentum op): U packed in list order, tensor t from out_offsets[t].
-template <typename scalar_t>
+// Phase 1: M = lerp(M, G / s, 1 - beta) and, unless `partial` is null, each item's sum of
+// squares of U (in double, in index order: NOTE: [Deterministic reduction]). Writes only the
+// momentum. `out` (optional, the momentum op, whose norms the orthogonalize op takes): U packed
+// in list order, tensor t from out_offsets[t].
+template <typename scalar_t, bool kNorms>
 void momentum_pass(const std::vector<WorkItem>& items, at::TensorList grads,
                    at::TensorList momentum_buffers, const PassScalars& sc,
-                   std::vector<double>& partial, float* out = nullptr,
+                   std::vector<double>* partial, float* out = nullptr,
                    const std::vector<int64_t>* out_offsets = nullptr) {
   at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t w = lo; w < hi; ++w) {
@@ -284,16 +285,16 @@ void momentum_pass(const std::vector<WorkItem>& items, at::TensorList grads,
       const scalar_t* g = grads[it.tensor].const_data_ptr<scalar_t>() + base;
       float* mom = momentum_buffers[it.tensor].data_ptr<float>() + base;
       float* u_out = out == nullptr ? nullptr : out + (*out_offsets)[it.tensor] + base;
-      double acc = 0.0;
+      [[maybe_unused]] double acc = 0.0;
       for (int64_t e = it.begin; e < it.end; ++e) {
         const float gf = static_cast<float>(g[e]) * sc.inv_grad_scale;
         const float mf = mom[e] + sc.one_minus_beta * (gf - mom[e]);
         mom[e] = mf;
         const float u = sc.direction(static_cast<float>(g[e]), mf);
         if (u_out != nullptr) u_out[e] = u;
-        acc += static_cast<double>(u) * static_cast<double>(u);
+        if constexpr (kNorms) acc += static_cast<double>(u) * static_cast<double>(u);
       }
-      partial[w] = acc;
+      if constexpr (kNorms) (*partial)[w] = acc;
     }
   });
 }
@@ -506,7 +507,7 @@ void muon_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList m
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(),
                                   "muon_step_cpu", [&] {
-    momentum_pass<scalar_t>(s.items, grads, momentum_buffers, sc, partial);
+    momentum_pass<scalar_t, true>(s.items, grads, momentum_buffers, sc, &partial);
     for (size_t k = 0; k < buckets.size(); ++k) {
       const std::vector<int64_t>& firsts = s.matrix_first_item[k];
       for (int64_t i = 0; i < buckets[k].num_matrices; ++i) {
@@ -620,12 +621,11 @@ void muon_momentum_cpu(at::TensorList grads, at::TensorList momentum_buffers, do
   const PassScalars sc{static_cast<float>(1.0 - momentum), static_cast<float>(momentum), nesterov,
                        static_cast<float>(1.0 / host_scalar(grad_scale, 1.0))};
   const std::vector<WorkItem> items = flat_items(grads);
-  std::vector<double> partial(items.size(), 0.0);  // the norms are the orthogonalize op's
   const std::vector<int64_t> offsets = packed_offsets(grads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads[0].scalar_type(),
                                   "muon_momentum_cpu", [&] {
-    momentum_pass<scalar_t>(items, grads, momentum_buffers, sc, partial,
-                            out.has_value() ? out->data_ptr<float>() : nullptr, &offsets);
+    momentum_pass<scalar_t, false>(items, grads, momentum_buffers, sc, nullptr,
+                                   out.has_value() ? out->data_ptr<float>() : nullptr, &offsets);
   });
 }
 
